@@ -1,0 +1,231 @@
+"""Task and method configuration: dataclasses loaded from TOML and validated once, at the edge.
+
+A task (tasks/<name>.toml) is a dataset + splits, a teacher recipe, the recover settings per
+method, the IPC values and the post-train protocol. A method is `cda` (built in) or an entry of
+baselines/<name>.toml. Unknown keys are errors that list the known ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdabench.augment import AugmentSpec
+from cdabench.distill.crop_schedule import CropSchedule
+from cdabench.distill.recover import RecoverConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS_DIR = ROOT / "tasks"
+BASELINES_DIR = ROOT / "baselines"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def build(cls, data: dict[str, Any], where: str):
+    """Instantiate dataclass `cls` from a TOML table, nested dataclasses included; unknown keys fail."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = _NESTED.get((cls, name))
+        if kind is dict:
+            value = {k: build(_DICT_VALUE[(cls, name)], v, f"{where}.{name}.{k}") for k, v in value.items()}
+        elif kind is not None:
+            value = build(kind, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a model is trained: the teacher on real data, or a student on a distilled set."""
+
+    model: str = "resnet18"
+    epochs: int = 100
+    batch_size: int = 128
+    optimizer: str = "sgd"              # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_matrices_only: bool = False   # weight decay only on parameters with ndim > 1 (the ImageNet recipe)
+    warmup_epochs: int = 0              # linear warm-up from warmup_start x lr
+    warmup_start: float = 0.01
+    schedule: str = "cosine"            # cosine (per step, to 0) | constant
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class StudentOverride:
+    """Per-student settings of the post-train protocol (tuned on the held-out split, never on test)."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Soft labels: `online` (the teacher labels every augmented batch) or `stored` (FKD-style
+    label store, generated once and replayed); loss KL(student/T || teacher/T), x T^2 if asked."""
+
+    mode: str = "online"
+    temperature: float = 4.0
+    t_squared: bool = True
+    topk: int = 0                       # stored mode: keep only the top-k logits (0 = all)
+
+    def __post_init__(self):
+        if self.mode not in ("online", "stored"):
+            raise ValueError(f"kd mode must be online or stored, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class PostTrain:
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    kd: KDConfig = field(default_factory=KDConfig)
+    students: dict[str, StudentOverride] = field(default_factory=dict)
+
+    def recipe_for(self, student: str) -> TrainRecipe:
+        """The protocol for one student: the shared recipe with that student's overrides."""
+        changes = {"model": student}
+        override = self.students.get(student)
+        if override is not None:
+            changes.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
+        return dataclasses.replace(self.recipe, **changes)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    dataset: str
+    description: str = ""
+    image_size: int | None = None       # None: the dataset's default working size
+    ipcs: tuple[int, ...] = (10,)
+    holdout_fraction: float | None = None
+    holdout_per_class: int | None = None
+    split_seed: int = 0
+    probe_per_class: int = 10           # held-out images per class for the class-order guard
+    teacher: TrainRecipe = field(default_factory=TrainRecipe)
+    recover: dict[str, RecoverConfig] = field(default_factory=dict)
+    posttrain: PostTrain = field(default_factory=PostTrain)
+    path: str = ""
+
+    def __post_init__(self):
+        if (self.holdout_fraction is None) == (self.holdout_per_class is None):
+            raise ValueError("set exactly one of holdout_fraction / holdout_per_class")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to produce a distilled set: `recover` (SRe2L/CDA: the task's [recover.<name>]
+    settings with this crop schedule) or `select` (real images: random, herding, full)."""
+
+    name: str
+    kind: str                          # recover | select
+    description: str = ""
+    strategy: str = ""                 # select: random | herding | full
+    crop: CropSchedule | None = None   # recover: the default crop schedule (a task may override)
+    path: str = ""
+
+    def __post_init__(self):
+        if self.kind not in ("recover", "select"):
+            raise ValueError(f"method kind must be recover or select, got {self.kind!r}")
+        if self.kind == "select" and self.strategy not in ("random", "herding", "full"):
+            raise ValueError(f"select strategy must be random, herding or full, got {self.strategy!r}")
+        if self.kind == "recover" and self.crop is None:
+            raise ValueError("a recover method needs a [crop] table")
+
+
+_NESTED = {
+    (TrainRecipe, "augment"): AugmentSpec,
+    (RecoverConfig, "crop"): CropSchedule,
+    (Task, "teacher"): TrainRecipe,
+    (Task, "recover"): dict,
+    (Task, "posttrain"): PostTrain,
+    (PostTrain, "recipe"): TrainRecipe,
+    (PostTrain, "kd"): KDConfig,
+    (PostTrain, "students"): dict,
+    (Method, "crop"): CropSchedule,
+}
+_DICT_VALUE = {(Task, "recover"): RecoverConfig, (PostTrain, "students"): StudentOverride}
+
+# CDA is the product's own method, so it is declared here; the baselines are data (baselines/).
+CDA = Method(name="cda", kind="recover", crop=CropSchedule(kind="cosine", milestone=1.0),
+             description="Curriculum Data Augmentation: SRe2L recover with an easy-to-hard crop-scale curriculum")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def list_tasks() -> list[str]:
+    return sorted(p.stem for p in TASKS_DIR.glob("*.toml"))
+
+
+def load_task(name_or_path: str) -> Task:
+    """A task by name (tasks/<name>.toml) or by the path of a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = TASKS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown task {name_or_path!r}: known tasks are {', '.join(list_tasks())} "
+                          "(or pass the path of a task .toml file)")
+    data = _read_toml(path)
+    data.setdefault("name", path.stem)
+    task = build(Task, data, str(path))
+    return dataclasses.replace(task, path=str(path))
+
+
+def list_methods() -> list[str]:
+    return sorted({"cda", *(p.stem for p in BASELINES_DIR.glob("*.toml"))})
+
+
+def load_method(name: str) -> Method:
+    if name == "cda":
+        return CDA
+    path = BASELINES_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown method {name!r}: known methods are {', '.join(list_methods())}")
+    data = _read_toml(path)
+    data.setdefault("name", name)
+    return dataclasses.replace(build(Method, data, str(path)), path=str(path))
+
+
+def recover_config(task: Task, method: Method) -> RecoverConfig:
+    """The task's [recover.<method>] settings; the method's crop schedule unless the task sets one."""
+    if method.name not in task.recover:
+        raise ConfigError(f"task {task.name} has no [recover.{method.name}] settings; "
+                          f"it declares: {', '.join(sorted(task.recover)) or 'none'}")
+    config = task.recover[method.name]
+    return config if config.crop is not None else dataclasses.replace(config, crop=method.crop)

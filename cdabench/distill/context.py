@@ -1,0 +1,111 @@
+"""Everything a stage needs about one task on one machine: the dataset and its splits, the
+device, the cache folder, the process group. Built once per command by `open_context`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from cdabench.config import Task
+from cdabench.data import DataError, ImageSplit, RealData, create_dataset, stratified_holdout
+from cdabench.distill.train import ImageBank, Normalizer, StreamedImages
+from cdabench.runtime import ProcessGroup, init_process_group, resolve_device
+
+IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held as one tensor; larger sets stream from disk
+
+
+def default_cache_dir() -> Path:
+    if "CDABENCH_CACHE" in os.environ:
+        return Path(os.environ["CDABENCH_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "cdabench"
+
+
+def eval_transform(data: RealData):
+    """Fixed-size datasets are used as stored; photos are resized (shorter side S*256/224) and
+    centre-cropped to S, the standard ImageNet evaluation view, for every split and method."""
+    if data.spec.fixed_size:
+        return None
+    size = data.image_size
+    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+
+
+@dataclass
+class Context:
+    task: Task
+    data: RealData
+    fit: ImageSplit          # train minus held-out: what the teacher and every method may use
+    heldout: ImageSplit      # seeded stratified held-out part of train: tuning + class-order probe
+    device: torch.device
+    cache: Path
+    group: ProcessGroup = field(default_factory=ProcessGroup)
+    _sources: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data.spec.channels, self.image_size, self.image_size)
+
+    @property
+    def mean(self):
+        return self.data.spec.mean
+
+    @property
+    def std(self):
+        return self.data.spec.std
+
+    def normalizer(self) -> Normalizer:
+        return Normalizer(self.mean, self.std, self.device)
+
+    def split(self, name: str) -> ImageSplit:
+        return {"fit": self.fit, "heldout": self.heldout, "test": self.data.test}[name]
+
+    def source(self, name: str):
+        """The split as uint8 batches of the working size: in memory when small, else streamed."""
+        if name not in self._sources:
+            split = self.split(name).with_transform(eval_transform(self.data))
+            pixels = len(split) * int(np.prod(self.shape))
+            if pixels <= IN_MEMORY_LIMIT:
+                self._sources[name] = ImageBank(split.load_all(), torch.as_tensor(split.targets))
+            else:
+                self._sources[name] = StreamedImages(split)
+        return self._sources[name]
+
+
+def open_context(task: Task, data_root: str | None, device: str = "auto", cache: str | Path | None = None) -> Context:
+    dev = resolve_device(device)
+    group = init_process_group(dev)
+    data = create_dataset(task.dataset, data_root, task.image_size)
+    fit_idx, heldout_idx = stratified_holdout(np.asarray(data.train.targets), per_class=task.holdout_per_class,
+                                              fraction=task.holdout_fraction, seed=task.split_seed)
+    cache_dir = Path(cache) if cache else default_cache_dir()
+    return Context(task, data, data.train.subset(fit_idx), data.train.subset(heldout_idx), dev, cache_dir, group)
+
+
+def class_counts(split: ImageSplit, num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(split.targets), minlength=num_classes)
+
+
+def check_ipc(ctx: Context, ipc: int) -> None:
+    counts = class_counts(ctx.fit, ctx.num_classes)
+    smallest = int(counts.min())
+    if ipc > smallest:
+        worst = ctx.classes[int(counts.argmin())]
+        raise DataError(f"IPC {ipc} is larger than class {worst!r} has ({smallest} real training images after the "
+                        f"held-out split): choose --ipc <= {smallest}, or use a recover method (cda, sre2l), "
+                        "which synthesises images")

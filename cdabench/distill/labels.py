@@ -1,0 +1,224 @@
+"""Relabel: where a student's targets come from.
+
+- `HardLabels`: the class label (mixed by CutMix/Mixup weights when the batch is mixed).
+- `OnlineKD`: the frozen teacher labels every augmented batch (Tiny-ImageNet/CIFAR protocol).
+- `StoredLabels`: FKD-style soft labels generated once by `build_label_store` and replayed: per
+  epoch the image order, each image's crop box and flip, its mixing partner, weight and box, and
+  the teacher's fp16 logits (optionally only the top-k). Everything is keyed by image index, so
+  the replay is independent of the batch size; our own order + batch assembly replays it (no
+  patching of PyTorch's DataLoader).
+Every source exposes the same three calls used by train.train_model: `epoch_order`, `prepare`, `loss`.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdabench import artifacts, progress
+from cdabench.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
+                              sample_aug_params)
+from cdabench.runtime import autocast
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, t_squared: bool) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), batch mean; x T^2 when the protocol says so."""
+    loss = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), teacher_probs, reduction="batchmean")
+    return loss * temperature ** 2 if t_squared else loss
+
+
+def mixed_cross_entropy(logits: torch.Tensor, target: tuple) -> torch.Tensor:
+    y, y_partner, lam = target
+    per_sample = lam * F.cross_entropy(logits, y, reduction="none") + \
+        (1 - lam) * F.cross_entropy(logits, y_partner, reduction="none")
+    return per_sample.mean()
+
+
+def masked_probs(logits: torch.Tensor, temperature: float, class_mask: torch.Tensor | None) -> torch.Tensor:
+    """Teacher probabilities at temperature T; classes outside `class_mask` get probability 0
+    (continual learning: the student must not learn about classes it has not seen yet)."""
+    logits = logits.float()
+    if class_mask is not None:
+        logits = logits.masked_fill(~class_mask.to(logits.device), float("-inf"))
+    return F.softmax(logits / temperature, dim=1)
+
+
+class _AugmentedSource:
+    def __init__(self, spec: AugmentSpec, image_size: int):
+        self.spec, self.size = spec, image_size
+
+    def epoch_order(self, epoch: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(n)
+
+    def _augment(self, x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, AugParams]:
+        params = sample_aug_params(rng, x.shape[0], x.shape[-2], x.shape[-1], self.spec)
+        return augment_batch(x, params, self.spec, self.size), params
+
+
+class HardLabels(_AugmentedSource):
+    def prepare(self, x, y, idx, epoch, rng, data):
+        views, params = self._augment(x, rng)
+        partner = params.partner.to(y.device)
+        y_partner = torch.where(partner >= 0, y[partner.clamp(min=0)], y)
+        return views, (y, y_partner, params.lam.to(views.device))
+
+    def loss(self, logits, target):
+        return mixed_cross_entropy(logits, target)
+
+
+class OnlineKD(_AugmentedSource):
+    def __init__(self, spec: AugmentSpec, image_size: int, teacher: nn.Module, normalizer, temperature: float,
+                 t_squared: bool, class_mask: torch.Tensor | None = None):
+        super().__init__(spec, image_size)
+        self.teacher, self.normalizer = teacher.eval(), normalizer
+        self.temperature, self.t_squared, self.class_mask = temperature, t_squared, class_mask
+        self.teacher_forwards = 0
+
+    @torch.no_grad()
+    def _teacher_probs(self, views: torch.Tensor) -> torch.Tensor:
+        with autocast(views.device):
+            logits = self.teacher(self.normalizer(views))
+        self.teacher_forwards += views.shape[0]
+        return masked_probs(logits, self.temperature, self.class_mask)
+
+    def prepare(self, x, y, idx, epoch, rng, data):
+        views, _ = self._augment(x, rng)
+        return views, self._teacher_probs(views)
+
+    def loss(self, logits, target):
+        return kd_loss(logits, target, self.temperature, self.t_squared)
+
+
+@dataclass(frozen=True)
+class LabelStoreConfig:
+    epochs: int
+    batch_size: int
+    augment: AugmentSpec
+    topk: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def epoch_file(root: Path, epoch: int) -> Path:
+    return root / f"epoch_{epoch:04d}.pt"
+
+
+@torch.no_grad()
+def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, config: LabelStoreConfig,
+                      normalizer, device: torch.device, image_size: int) -> dict:
+    """Generate (or finish) the stored soft labels: one atomically written file per epoch, so an
+    interrupted relabel resumes at the first missing epoch. Returns the store's manifest."""
+    teacher.eval()
+    n = images.shape[0]
+    spec = config.augment
+    start = time.perf_counter()
+    todo = [e for e in range(config.epochs) if not epoch_file(root, e).exists()]
+    with progress.track("relabel", len(todo)) as bar:
+        for epoch in todo:
+            # Each epoch has its own generator: resuming at epoch e needs nothing from epochs < e.
+            rng = np.random.default_rng([config.seed, 0x5EED, epoch])
+            order = rng.permutation(n)
+            boxes = torch.zeros((n, 4), dtype=torch.int16)
+            flips = torch.zeros(n, dtype=torch.bool)
+            partner = torch.full((n,), -1, dtype=torch.int32)
+            lam = torch.ones(n, dtype=torch.float32)
+            mix_boxes = torch.zeros((n, 4), dtype=torch.int16)
+            logits_all = None
+            for s in range(0, n, config.batch_size):
+                idx = torch.from_numpy(order[s:s + config.batch_size])
+                x = images[idx].to(device).float().div_(255)
+                params = sample_aug_params(rng, len(idx), x.shape[-2], x.shape[-1], spec)
+                views = augment_batch(x, params, spec, image_size)
+                with autocast(device):
+                    logits = teacher(normalizer(views)).float().cpu()
+                if logits_all is None:
+                    logits_all = torch.zeros((n, logits.shape[1]), dtype=torch.float16)
+                boxes[idx], flips[idx], lam[idx] = params.boxes.short(), params.flips, params.lam
+                mix_boxes[idx] = params.mix_boxes.short()
+                partner[idx] = torch.where(params.partner >= 0, idx[params.partner.clamp(min=0)], -1).int()
+                logits_all[idx] = logits.half()
+            record = {"order": torch.from_numpy(order).int(), "boxes": boxes, "flips": flips, "partner": partner,
+                      "lam": lam, "mix_boxes": mix_boxes}
+            if config.topk:
+                values, indices = logits_all.float().topk(config.topk, dim=1)
+                record["topk_values"], record["topk_indices"] = values.half(), indices.int()
+            else:
+                record["logits"] = logits_all
+            buf = io.BytesIO()
+            torch.save(record, buf)
+            artifacts.atomic_write_bytes(epoch_file(root, epoch), buf.getvalue())
+            bar.advance(1)
+    files = {epoch_file(root, e).name: artifacts.sha256_file(epoch_file(root, e)) for e in range(config.epochs)}
+    manifest = {"config": config.to_dict(), "num_images": n, "files": files,
+                "label_hash": artifacts.hash_file_map(files),
+                "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(config.epochs)),
+                "teacher_forwards": n * len(todo), "seconds": time.perf_counter() - start}
+    artifacts.atomic_write_json(root / "labels.json", manifest)
+    return manifest
+
+
+def load_epoch(root: Path, epoch: int) -> dict:
+    return torch.load(epoch_file(root, epoch), map_location="cpu", weights_only=True)
+
+
+class StoredLabels:
+    """Replays a label store: the stored order, the stored crops/flips/mixing, the stored logits.
+    A student trained longer than the store has epochs cycles through the stored epochs."""
+
+    def __init__(self, root: Path, spec: AugmentSpec, image_size: int, temperature: float, t_squared: bool,
+                 num_classes: int):
+        self.root, self.spec, self.size = Path(root), spec, image_size
+        self.temperature, self.t_squared, self.num_classes = temperature, t_squared, num_classes
+        self.manifest = artifacts.read_json(self.root / "labels.json")
+        self.epochs = self.manifest["config"]["epochs"]
+        self._cache: tuple[int, dict] | None = None
+
+    def _epoch(self, epoch: int) -> dict:
+        e = epoch % self.epochs
+        if self._cache is None or self._cache[0] != e:
+            self._cache = (e, load_epoch(self.root, e))
+        return self._cache[1]
+
+    def epoch_order(self, epoch: int, n: int, rng) -> np.ndarray:
+        order = self._epoch(epoch)["order"].numpy().astype(np.int64)
+        if len(order) != n:
+            raise ValueError(f"the label store holds {len(order)} images but the distilled set has {n}: "
+                             "it belongs to another set; delete it to regenerate")
+        return order
+
+    def replay_views(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, data) -> torch.Tensor:
+        """The exact augmented batch the teacher saw when the labels were stored."""
+        rec = self._epoch(epoch)
+        params = AugParams(rec["boxes"][idx].long(), rec["flips"][idx], rec["partner"][idx].long(),
+                           rec["lam"][idx], rec["mix_boxes"][idx].long())
+        views = apply_view(pad_images(x, self.spec), params.boxes, params.flips, self.size)
+        if self.spec.mix == "none":
+            return views
+        partner = params.partner.clamp(min=0)
+        partner_x = data.images[partner].to(x.device).float().div_(255)
+        partner_views = apply_view(pad_images(partner_x, self.spec), rec["boxes"][partner].long(),
+                                   rec["flips"][partner], self.size)
+        return apply_mix(views, partner_views, params, self.spec)
+
+    def stored_probs(self, idx: torch.Tensor, epoch: int, device) -> torch.Tensor:
+        rec = self._epoch(epoch)
+        if "logits" in rec:
+            return masked_probs(rec["logits"][idx].to(device), self.temperature, None)
+        values = rec["topk_values"][idx].to(device).float()
+        full = torch.full((len(idx), self.num_classes), float("-inf"), device=device)
+        full.scatter_(1, rec["topk_indices"][idx].long().to(device), values)
+        return F.softmax(full / self.temperature, dim=1)
+
+    def prepare(self, x, y, idx, epoch, rng, data):
+        return self.replay_views(x, idx, epoch, data), self.stored_probs(idx, epoch, x.device)
+
+    def loss(self, logits, target):
+        return kd_loss(logits, target, self.temperature, self.t_squared)

@@ -1,0 +1,230 @@
+"""The two user-facing jobs: `distill` (squeeze -> recover, or a selection baseline) and
+`evaluate` (relabel -> post-train -> one record). Both write only atomically, and both reuse
+whatever finished work they find (teacher cache, recover shards, label stores)."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdabench import artifacts, progress, records
+from cdabench.config import ConfigError, load_method, recover_config
+from cdabench.data import DataError, load_imagefolder
+from cdabench.distill.context import Context, check_ipc, eval_transform
+from cdabench.distill.labels import HardLabels, LabelStoreConfig, OnlineKD, StoredLabels, build_label_store
+from cdabench.distill.recover import image_relpath, run_recover
+from cdabench.distill.select import select_herding, select_random
+from cdabench.distill.squeeze import Teacher, get_teacher
+from cdabench.distill.train import ImageBank, evaluate_model, train_model
+from cdabench.models import create_model, describe_adaptation
+from cdabench.runtime import device_description, prepare_model, versions
+
+MANIFEST = "manifest.json"
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def class_folders(classes: list[str]) -> list[str]:
+    """Folder per class: the class name when it is a safe file name (wnids, digits), else the
+    zero-padded index (read back by its trailing integer)."""
+    if all(_SAFE.match(c) for c in classes) and len(set(classes)) == len(classes):
+        return list(classes)
+    return [f"{i:04d}" for i in range(len(classes))]
+
+
+def _check_same_run(path: Path, config: dict) -> None:
+    if path.exists():
+        previous = artifacts.read_json(path)
+        if previous != config:
+            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            raise ConfigError(f"{path.parent} already holds a different distillation (differs in: {', '.join(changed)}); "
+                              "use another --out, or delete that folder to start over")
+
+
+def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str | Path,
+            teacher_path: str | None = None, command: str = "", stop_after: int | None = None) -> dict:
+    method = load_method(method_name)
+    out = Path(out)
+    full = method.kind == "select" and method.strategy == "full"
+    if not full:
+        if ipc is None or ipc < 1:
+            raise ConfigError(f"method {method.name} needs --ipc N (a positive number of images per class)")
+        if method.kind == "select":
+            check_ipc(ctx, ipc)
+    needs_teacher = method.kind == "recover" or method.strategy == "herding"
+    teacher = get_teacher(ctx, teacher_path) if needs_teacher else None
+    rconfig = recover_config(ctx.task, method) if method.kind == "recover" else None
+    folders = class_folders(ctx.classes)
+    run_config = {"task": ctx.task.name, "dataset": ctx.data.fingerprint(), "method": method.name,
+                  "ipc": None if full else ipc, "seed": seed, "classes": ctx.classes, "image_size": ctx.image_size,
+                  "teacher": teacher.hash if teacher else None,
+                  "recover": rconfig.to_dict() if rconfig else None, "strategy": method.strategy or None}
+    _check_same_run(out / "distill.json", run_config)
+    if ctx.group.is_main:
+        artifacts.atomic_write_json(out / "distill.json", run_config)
+    ctx.group.barrier()
+    start = time.perf_counter()
+    selection = None
+    if method.kind == "recover":
+        markers = run_recover(teacher.model, out, folders, ipc, rconfig, seed, ctx.shape, ctx.mean, ctx.std,
+                              ctx.device, ctx.group, stop_after=stop_after)
+        files = {rel: digest for m in markers.values() for rel, digest in m["files"].items()}
+        stage_seconds = sum(m["seconds"] for m in markers.values())
+    elif full:
+        files, stage_seconds = {}, 0.0
+    else:
+        targets = np.asarray(ctx.fit.targets)
+        if method.strategy == "random":
+            chosen = select_random(targets, ipc, seed)
+        else:
+            chosen = select_herding(teacher.model, lambda idx: _fit_images(ctx, idx), targets, ipc,
+                                    ctx.normalizer(), ctx.device)
+        files = _write_selection(ctx, out, chosen, folders) if ctx.group.is_main else {}
+        selection = {ctx.classes[c]: idx.tolist() for c, idx in chosen.items()}
+        stage_seconds = time.perf_counter() - start
+    manifest = {
+        "kind": "cdabench-distilled", "format_version": 1, "task": ctx.task.name, "dataset": ctx.data.spec.name,
+        "method": method.name, "ipc": None if full else ipc, "seed": seed, "classes": ctx.classes,
+        "class_folders": folders, "image_size": ctx.image_size, "channels": ctx.shape[0],
+        "image_format": rconfig.image_format if rconfig else "png", "full": full, "selection": selection,
+        "files": files, "images_hash": artifacts.hash_file_map(files) if not full else ctx.data.fingerprint(),
+        "image_bytes": sum((out / "images" / rel).stat().st_size for rel in files) if not full else _real_bytes(ctx),
+        "teacher": {"hash": teacher.hash, "source": teacher.info.get("source"),
+                    "probe_top1": teacher.info.get("probe_top1"), "heldout_top1": teacher.info.get("heldout_top1"),
+                    "seconds": teacher.info.get("seconds", 0.0)} if teacher else None,
+        "config": run_config, "seconds": {"squeeze": teacher.info.get("seconds", 0.0) if teacher else 0.0,
+                                          "recover" if method.kind == "recover" else "select": stage_seconds},
+        "versions": versions(), "device": device_description(ctx.device), "command": command,
+    }
+    if ctx.group.is_main:
+        artifacts.atomic_write_json(out / MANIFEST, manifest)
+        progress.log(f"distilled {method.name} ipc {ipc} -> {out} ({len(files)} images, {stage_seconds:.1f}s)")
+    ctx.group.barrier()
+    return manifest
+
+
+def _fit_images(ctx: Context, indices: np.ndarray) -> torch.Tensor:
+    source = ctx.source("fit")
+    if isinstance(source, ImageBank):
+        return source.images[torch.from_numpy(np.asarray(indices))]
+    return ctx.fit.subset(indices).with_transform(eval_transform(ctx.data)).load_all()
+
+
+def _write_selection(ctx: Context, out: Path, chosen: dict[int, np.ndarray], folders: list[str]) -> dict[str, str]:
+    files = {}
+    for c, indices in chosen.items():
+        for k, image in enumerate(_fit_images(ctx, indices)):
+            data = artifacts.encode_image(image, "png")
+            rel = image_relpath(folders[c], k, "png")
+            artifacts.atomic_write_bytes(out / "images" / rel, data)
+            files[rel] = artifacts.sha256_bytes(data)
+    return files
+
+
+def _real_bytes(ctx: Context) -> int:
+    paths = getattr(ctx.fit, "paths", None)
+    if paths:
+        return sum(Path(p).stat().st_size for p in paths)
+    return len(ctx.fit) * int(np.prod(ctx.shape))
+
+
+def load_distilled(ctx: Context, data_dir: str | Path) -> tuple[object, dict]:
+    """A distilled set as a training source plus its description. Ours (with manifest.json) or any
+    ImageFolder of distilled images (e.g. the official SRe2L/CDA releases), mapped onto the task's
+    classes; a class count or name mismatch is refused."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"distilled data folder {data_dir} does not exist: pass the --out folder of "
+                        "`cdabench distill`, or an ImageFolder of images (one sub-folder per class)")
+    manifest = artifacts.read_json(data_dir / MANIFEST) if (data_dir / MANIFEST).exists() else None
+    if manifest is not None:
+        if manifest["classes"] != ctx.classes:
+            raise DataError(f"{data_dir} was distilled with another class map ({len(manifest['classes'])} classes, "
+                            f"task {ctx.task.name} has {ctx.num_classes}): evaluate it with its own task")
+        if manifest.get("full"):
+            return ctx.source("fit"), manifest
+    folder = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
+    split, _ = load_imagefolder(folder, ctx.shape[0], classes=ctx.classes)
+    images = split.load_all()
+    if tuple(images.shape[1:]) != ctx.shape:
+        raise DataError(f"distilled images in {folder} are {tuple(images.shape[1:])} (C, H, W) but task "
+                        f"{ctx.task.name} works at {ctx.shape}: distil at the task's size or pass --task with a "
+                        "matching image_size")
+    targets = torch.as_tensor(np.asarray(split.targets))
+    if manifest is None:
+        files = {str(Path(p).relative_to(folder)): artifacts.sha256_file(p) for p in split.paths}
+        counts = np.bincount(targets.numpy(), minlength=ctx.num_classes)
+        manifest = {"method": "external", "ipc": int(counts.min()), "seed": None, "files": files,
+                    "images_hash": artifacts.hash_file_map(files),
+                    "image_bytes": sum(Path(p).stat().st_size for p in split.paths), "seconds": {}}
+    return ImageBank(images, targets), manifest
+
+
+def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, bank, manifest: dict):
+    kd = ctx.task.posttrain.kd
+    if labels == "hard":
+        return HardLabels(recipe.augment, ctx.image_size), {}
+    if kd.mode == "online":
+        return OnlineKD(recipe.augment, ctx.image_size, teacher.model, ctx.normalizer(), kd.temperature,
+                        kd.t_squared), {}
+    if not isinstance(bank, ImageBank):
+        raise ConfigError("stored soft labels need the distilled set in memory; use kd mode = 'online' for full data")
+    store_config = LabelStoreConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment,
+                                    topk=kd.topk, seed=manifest.get("seed") or 0)
+    key = artifacts.hash_config({"images": manifest["images_hash"], "teacher": teacher.hash,
+                                 "store": store_config.to_dict()})
+    root = ctx.cache / "labels" / key
+    store = build_label_store(root, teacher.model, bank.images, store_config, ctx.normalizer(), ctx.device,
+                              ctx.image_size)
+    source = StoredLabels(root, recipe.augment, ctx.image_size, kd.temperature, kd.t_squared, ctx.num_classes)
+    return source, store
+
+
+def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int, out: str | Path,
+             teacher_path: str | None = None, command: str = "", epochs: int | None = None,
+             extra: dict | None = None) -> dict:
+    """Train a fresh `student` on the distilled set only; record the last epoch's test accuracy."""
+    if labels not in ("soft", "hard"):
+        raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
+    bank, manifest = load_distilled(ctx, data_dir)
+    recipe = ctx.task.posttrain.recipe_for(student)
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=epochs)
+    teacher = get_teacher(ctx, teacher_path) if labels == "soft" else None
+    relabel_start = time.perf_counter()
+    label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
+    relabel_seconds = time.perf_counter() - relabel_start
+    torch.manual_seed(seed)
+    model = prepare_model(create_model(student, ctx.num_classes, ctx.shape[0], ctx.image_size), ctx.device)
+    result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
+                         description=f"post-train {student} ({manifest.get('method')}, {labels})")
+    test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
+    heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
+    kd = ctx.task.posttrain.kd
+    eval_config = {"recipe": dataclasses.asdict(recipe), "labels": labels,
+                   "kd": dataclasses.asdict(kd) if labels == "soft" else None}
+    seconds = dict(manifest.get("seconds", {}))
+    seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
+    record = {
+        "task": ctx.task.name, "dataset": ctx.data.spec.name, "method": manifest.get("method"),
+        "ipc": manifest.get("ipc"), "student": student, "labels": labels,
+        "label_protocol": f"{kd.mode}-kd" if labels == "soft" else "hard", "seed": seed,
+        "top1": test["top1"], "top5": test["top5"], "heldout_top1": heldout["top1"], "metric": "last-epoch",
+        "epochs": recipe.epochs, "num_images": len(bank), "image_bytes": manifest.get("image_bytes"),
+        "label_bytes": store.get("label_bytes", 0),
+        "teacher_forwards": result.teacher_forwards + store.get("teacher_forwards", 0),
+        "seconds": seconds, "device": device_description(ctx.device), "versions": versions(),
+        "hashes": {"images": manifest.get("images_hash"), "labels": store.get("label_hash"),
+                   "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config),
+                   "classes": artifacts.hash_config(ctx.classes)},
+        "distilled_seed": manifest.get("seed"), "recipe": eval_config["recipe"], "kd": eval_config["kd"],
+        "adaptation": describe_adaptation(student, ctx.image_size), "final_loss": result.history[-1]["loss"],
+        "command": command, **(extra or {}),
+    }
+    record = records.append_record(Path(out) / "records.jsonl", record)
+    progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
+                 f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")
+    return record

@@ -1,0 +1,149 @@
+"""Squeeze: the teacher. Trained with the task's recipe on the fit split (cached by a content
+hash of everything that determines it), or loaded from a user's checkpoint and checked against
+the dataset: class count, class map, and a class-order guard on held-out real images."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdabench import artifacts, progress
+from cdabench.data import DataError
+from cdabench.distill.context import Context
+from cdabench.distill.labels import HardLabels
+from cdabench.distill.train import ImageBank, evaluate_model, train_model
+from cdabench.models import create_model
+from cdabench.runtime import prepare_model, seed_everything
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    hash: str              # sha256 of the checkpoint file
+    info: dict             # recipe, accuracies, seconds, source
+
+
+def teacher_key(ctx: Context, seed: int) -> str:
+    return artifacts.hash_config({
+        "stage": "squeeze", "dataset": ctx.data.fingerprint(), "task_split": [
+            ctx.task.holdout_fraction, ctx.task.holdout_per_class, ctx.task.split_seed],
+        "recipe": dataclasses.asdict(ctx.task.teacher), "seed": seed})
+
+
+def _new_teacher(ctx: Context) -> nn.Module:
+    recipe = ctx.task.teacher
+    return create_model(recipe.model, ctx.num_classes, ctx.shape[0], ctx.image_size)
+
+
+def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
+    """Train (or reuse) the task's teacher. Only rank 0 trains; the other ranks wait and load."""
+    key = teacher_key(ctx, seed)
+    folder = ctx.cache / "teachers" / key
+    weights, meta_path = folder / "teacher.pt", folder / "teacher.json"
+    if not meta_path.exists() and ctx.group.is_main:
+        recipe = ctx.task.teacher
+        seed_everything(seed)
+        model = prepare_model(_new_teacher(ctx), ctx.device)
+        labels = HardLabels(recipe.augment, ctx.image_size)
+        start = time.perf_counter()
+        result = train_model(model, ctx.source("fit"), labels, recipe, ctx.normalizer(), ctx.device, seed,
+                             ctx.image_size, description=f"squeeze {recipe.model}",
+                             checkpoint=folder / "checkpoint.pt")
+        heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
+        test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
+        artifacts.save_state_dict(weights, {k: v.cpu() for k, v in model.state_dict().items()})
+        info = {"key": key, "source": "trained", "recipe": dataclasses.asdict(recipe), "seed": seed,
+                "classes": ctx.classes, "heldout_top1": heldout["top1"], "test_top1": test["top1"],
+                "seconds": time.perf_counter() - start, "history": result.history,
+                "dataset_fingerprint": ctx.data.fingerprint()}
+        artifacts.atomic_write_json(meta_path, info)
+        progress.log(f"teacher {recipe.model}: held-out top-1 {heldout['top1']:.2f}%, test top-1 {test['top1']:.2f}% "
+                     f"({info['seconds']:.0f}s)")
+    ctx.group.barrier()
+    info = artifacts.read_json(meta_path)
+    model = _new_teacher(ctx)
+    model.load_state_dict(artifacts.load_state_dict(weights))
+    teacher = Teacher(prepare_model(model, ctx.device).eval(), artifacts.sha256_file(weights), info)
+    class_order_guard(ctx, teacher)
+    return teacher
+
+
+def _unwrap_checkpoint(obj) -> tuple[dict, list[str] | None]:
+    """A bare state dict, or {'state_dict'|'model': ..., 'classes': [...]} (our own format)."""
+    classes = None
+    if isinstance(obj, dict) and "classes" in obj:
+        classes = list(obj["classes"])
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return state, classes
+
+
+def load_teacher(ctx: Context, path: str | Path) -> Teacher:
+    """A user's checkpoint (weights_only) for the task's teacher architecture, checked against
+    the dataset before anything uses it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"teacher checkpoint {path} does not exist: pass the path of a .pt/.pth state dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"cannot read teacher checkpoint {path} as a weights-only torch file ({exc}); "
+                        "save it with torch.save(model.state_dict(), path)") from exc
+    state, classes = _unwrap_checkpoint(obj)
+    model = _new_teacher(ctx)
+    head = model.get_classifier()
+    head_weight = state.get(next((k for k in state if k.endswith("fc.weight") or k.endswith("classifier.weight")
+                                  or k.endswith("head.weight")), ""), None)
+    if head_weight is not None and head_weight.shape[0] != head.out_features:
+        raise DataError(f"teacher checkpoint {path} has {head_weight.shape[0]} classes but dataset "
+                        f"{ctx.data.spec.name} has {ctx.num_classes}: use a teacher trained on this dataset")
+    if classes is not None and classes != ctx.classes:
+        diff = next(i for i, (a, b) in enumerate(zip(classes, ctx.classes)) if a != b) if len(classes) == len(
+            ctx.classes) else None
+        where = f" (first difference at index {diff}: {classes[diff]!r} vs {ctx.classes[diff]!r})" if diff is not None else ""
+        raise DataError(f"teacher checkpoint {path} was trained with another class map{where}: "
+                        "its class order must equal the dataset's recorded order")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"teacher checkpoint {path} does not fit {ctx.task.teacher.model} at "
+                        f"{ctx.image_size}px: {str(exc).splitlines()[0]}") from exc
+    info = {"key": None, "source": str(path), "classes": classes or ctx.classes}
+    teacher = Teacher(prepare_model(model, ctx.device).eval(), artifacts.sha256_file(path), info)
+    class_order_guard(ctx, teacher)
+    return teacher
+
+
+def probe_indices(targets: np.ndarray, per_class: int) -> np.ndarray:
+    """The first `per_class` held-out images of every class: a fixed probe."""
+    return np.concatenate([np.flatnonzero(targets == c)[:per_class] for c in np.unique(targets)])
+
+
+@torch.no_grad()
+def class_order_guard(ctx: Context, teacher: Teacher) -> float:
+    """The teacher must classify a probe of real held-out images well above chance under the
+    dataset's class map; a mismatch is an error, not a low score. Threshold: min(50%, 10x chance)."""
+    bank = ctx.source("heldout")
+    idx = probe_indices(bank.labels.numpy(), ctx.task.probe_per_class) if isinstance(bank, ImageBank) else None
+    probe = ImageBank(bank.images[idx], bank.labels[idx]) if idx is not None else bank
+    accuracy = evaluate_model(teacher.model, probe, ctx.normalizer(), ctx.device)["top1"]
+    threshold = min(50.0, 1000.0 / ctx.num_classes)
+    teacher.info["probe_top1"] = accuracy
+    if accuracy < threshold:
+        raise DataError(
+            f"class-order guard: the teacher classifies only {accuracy:.1f}% of held-out real images correctly "
+            f"(chance {100 / ctx.num_classes:.1f}%, required {threshold:.1f}%). Its class indices do not match the "
+            f"dataset's class order ({', '.join(ctx.classes[:3])}, ...): check that the checkpoint was trained on "
+            "this dataset with classes in this order (ImageNet: sorted wnids)")
+    return accuracy
+
+
+def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0) -> Teacher:
+    return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed)

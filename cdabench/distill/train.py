@@ -1,0 +1,212 @@
+"""One readable training loop for the teacher (squeeze) and every student (post-train).
+
+Images arrive as uint8 batches of the working size; on the device they become [0, 1] floats, go
+through the batch augmentation (crop, flip, mixing; augment.py), are normalised, and the model
+learns from whatever targets the label source gives (hard labels, online KD, stored soft labels).
+All settings come from a `TrainRecipe`; every random choice comes from generators seeded here.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdabench import artifacts, progress
+from cdabench.config import TrainRecipe
+from cdabench.runtime import autocast
+
+
+class Normalizer:
+    def __init__(self, mean, std, device):
+        self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x01: torch.Tensor) -> torch.Tensor:
+        return (x01 - self.mean) / self.std
+
+
+def to_unit(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x_uint8.to(device, non_blocking=True).float().div_(255.0)
+
+
+class ImageBank:
+    """Training images held in memory as one uint8 tensor (N, C, S, S): distilled sets and small
+    real sets. Gives batches in a given order, and images by index (for stored-label replay)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("ImageBank wants uint8 images of shape (N, C, H, W)")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(order), batch_size):
+            idx = torch.from_numpy(order[start:start + batch_size])
+            yield self.images[idx], self.labels[idx], idx
+
+
+class StreamedImages:
+    """Training images decoded on the fly by DataLoader workers (the full real set of a large
+    dataset): an ImageSplit whose transform already yields uint8 tensors of the working size."""
+
+    def __init__(self, split, workers: int = 4):
+        self.split, self.workers = split, workers
+        self.labels = torch.as_tensor(np.asarray(split.targets)).long()
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, order: np.ndarray, batch_size: int):
+        loader = torch.utils.data.DataLoader(
+            _Indexed(self.split), batch_size=batch_size, sampler=order.tolist(),
+            num_workers=self.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        yield from loader
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        image, label = self.split[i]
+        return image, label, i
+
+
+def param_groups(model: nn.Module, recipe: TrainRecipe) -> list[dict]:
+    if not recipe.decay_matrices_only:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": recipe.weight_decay}]
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    groups = param_groups(model, recipe)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def lr_at(recipe: TrainRecipe, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up from warmup_start x lr over warmup_epochs, then cosine to 0 (per step)."""
+    warmup = recipe.warmup_epochs * steps_per_epoch
+    total = recipe.epochs * steps_per_epoch
+    if step < warmup:
+        return recipe.lr * (recipe.warmup_start + (1 - recipe.warmup_start) * step / warmup)
+    if recipe.schedule == "constant":
+        return recipe.lr
+    return 0.5 * recipe.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, source, normalizer: Normalizer, device: torch.device,
+                   batch_size: int = 500) -> dict:
+    """Top-1 and top-5 accuracy (%) on an ImageBank / StreamedImages, no augmentation."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    for x_uint8, y, _ in source.batches(np.arange(len(source)), batch_size):
+        x = normalizer(to_unit(x_uint8, device))
+        y = y.to(device)
+        with autocast(device):
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+    model.train(was_training)
+    n = max(1, len(source))
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    teacher_forwards: int = 0
+
+
+def _save_checkpoint(path: Path, model, optimizer, rng, epoch: int, step: int, result: TrainResult) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": torch.tensor(epoch), "step": torch.tensor(step)}
+    artifacts.save_state_dict(path, state)
+    artifacts.atomic_write_json(path.with_suffix(".json"), {
+        "rng": rng.bit_generator.state, "history": result.history, "seconds": result.seconds,
+        "teacher_forwards": result.teacher_forwards})
+
+
+def _load_checkpoint(path: Path, model, optimizer, rng, result: TrainResult) -> tuple[int, int]:
+    state = artifacts.load_state_dict(path)
+    side = artifacts.read_json(path.with_suffix(".json"))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = side["rng"]
+    result.history, result.seconds = side["history"], side["seconds"]
+    result.teacher_forwards = side["teacher_forwards"]
+    return int(state["epoch"]), int(state["step"])
+
+
+def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer: Normalizer,
+                device: torch.device, seed: int, image_size: int, description: str = "train",
+                on_epoch=None, checkpoint: Path | None = None, checkpoint_seconds: float = 60.0) -> TrainResult:
+    """Train `model` in place for recipe.epochs; `labels` is a label source (distill/labels.py)
+    that decides the epoch order, the augmentation parameters and the loss.
+    `on_epoch(epoch, model)` may return a dict of metrics to keep in the history.
+    With `checkpoint`, the state (model, optimiser, generator, history) is saved atomically at
+    most every `checkpoint_seconds`, and a killed run resumes from the last saved epoch."""
+    rng = np.random.default_rng([seed, 0xA11CE])
+    optimizer = make_optimizer(model, recipe)
+    steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
+    result, step, first_epoch = TrainResult(), 0, 0
+    if checkpoint is not None and checkpoint.exists():
+        first_epoch, step = _load_checkpoint(checkpoint, model, optimizer, rng, result)
+    start, last_save = time.perf_counter() - result.seconds, time.perf_counter()
+    teacher_forwards_before = result.teacher_forwards
+    model.train()
+    with progress.track(description, recipe.epochs - first_epoch) as bar:
+        for epoch in range(first_epoch, recipe.epochs):
+            total_loss, seen = torch.zeros((), device=device), 0
+            for x_uint8, y, idx in data.batches(labels.epoch_order(epoch, len(data), rng), recipe.batch_size):
+                lr = lr_at(recipe, step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x = to_unit(x_uint8, device)
+                inputs, target = labels.prepare(x, y.to(device), idx, epoch, rng, data)
+                inputs = normalizer(inputs)
+                if device.type == "cuda":
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                with autocast(device):
+                    logits = model(inputs)
+                loss = labels.loss(logits.float(), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.detach() * len(y)
+                seen += len(y)
+                step += 1
+            entry = {"epoch": epoch + 1, "loss": (total_loss / max(1, seen)).item(), "lr": lr}
+            if on_epoch is not None:
+                entry.update(on_epoch(epoch, model) or {})
+            result.history.append(entry)
+            bar.advance(1, f"loss {entry['loss']:.4f}")
+            result.seconds = time.perf_counter() - start
+            result.teacher_forwards = teacher_forwards_before + getattr(labels, "teacher_forwards", 0)
+            if checkpoint is not None and epoch + 1 < recipe.epochs and \
+                    time.perf_counter() - last_save >= checkpoint_seconds:
+                _save_checkpoint(checkpoint, model, optimizer, rng, epoch + 1, step, result)
+                last_save = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+        checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    return result

@@ -1,0 +1,111 @@
+"""Model registry: named entries over timm, one `create_model` factory, `pretrained=False` always.
+
+Small-image adaptations are explicit and recorded (`describe_adaptation`):
+- ResNets at <= 64 px: 3x3 stride-1 `conv1` and no max-pool (the field's CIFAR/Tiny ResNet).
+- MobileNetV2 at <= 64 px: stride-1 `conv_stem`, so the last feature map is not 1x1 at 32 px.
+- DeiT: the patch size is chosen for an 8x8 token grid at small sizes (224 px keeps 16 -> 14x14).
+Any other name is passed to timm as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+SMALL_IMAGE_MAX = 64
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    timm_name: str
+    build: Callable[[str, int, int, int], nn.Module]
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, timm_name: str, description: str):
+    def wrap(build):
+        MODELS[name] = ModelEntry(name, timm_name, build, description)
+        return build
+    return wrap
+
+
+def _small_resnet(model: nn.Module, in_chans: int, image_size: int) -> nn.Module:
+    if image_size <= SMALL_IMAGE_MAX:
+        model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _resnet(timm_name, num_classes, in_chans, image_size):
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    return _small_resnet(model, in_chans, image_size)
+
+
+for _depth in (18, 50, 101):
+    register_model(f"resnet{_depth}", f"resnet{_depth}",
+                   "timm ResNet; 3x3 stride-1 stem, no max-pool at <= 64 px")(_resnet)
+
+
+@register_model("mobilenetv2", "mobilenetv2_100", "timm MobileNetV2 1.0; stride-1 stem at <= 64 px")
+def _mobilenetv2(timm_name, num_classes, in_chans, image_size):
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if image_size <= SMALL_IMAGE_MAX:
+        old = model.conv_stem
+        model.conv_stem = type(old)(in_chans, old.out_channels, old.kernel_size, stride=1,
+                                    padding=old.padding, bias=False)
+    return model
+
+
+def deit_patch_size(image_size: int) -> int:
+    """16 at >= 224 px (the original 14x14 grid); otherwise a patch that gives an 8x8 grid."""
+    if image_size >= 224:
+        return 16
+    return max(1, image_size // 8)
+
+
+@register_model("deit_tiny", "deit_tiny_patch16_224", "timm DeiT-Tiny; patch = size/8 below 224 px")
+def _deit_tiny(timm_name, num_classes, in_chans, image_size):
+    return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                             img_size=image_size, patch_size=deit_patch_size(image_size))
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    """A fresh, randomly initialised model (seed torch before calling for a reproducible init)."""
+    entry = MODELS.get(name)
+    if entry is not None:
+        return entry.build(entry.timm_name, num_classes, in_chans, image_size)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(list_models())} or any timm model name "
+                         "(`python -c 'import timm; print(timm.list_models())'` lists them)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def describe_adaptation(name: str, image_size: int) -> str:
+    entry = MODELS.get(name)
+    if entry is None:
+        return f"timm {name}, unmodified"
+    if name == "deit_tiny":
+        return f"{entry.timm_name}, img_size {image_size}, patch {deit_patch_size(image_size)}"
+    if image_size > SMALL_IMAGE_MAX:
+        return f"{entry.timm_name}, stock stem"
+    return f"{entry.timm_name}, " + ("stride-1 stem" if name == "mobilenetv2" else "3x3 stride-1 stem, no max-pool")
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features before the classifier (timm's forward_head with pre_logits)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def num_classes_of(model: nn.Module) -> int:
+    return model.get_classifier().out_features

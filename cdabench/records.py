@@ -1,0 +1,57 @@
+"""Records: one finished cell of a benchmark, a schema-versioned JSON object, one per line of
+`records.jsonl`. Leaderboards and regression checks are computed from records only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cdabench import artifacts
+
+SCHEMA_VERSION = 1
+REQUIRED = ("schema_version", "task", "method", "ipc", "student", "labels", "seed", "top1", "top5", "epochs",
+            "image_bytes", "label_bytes", "seconds", "device", "versions", "hashes")
+
+
+class RecordError(ValueError):
+    pass
+
+
+def record_id(record: dict) -> str:
+    """A content hash of the record (without its own id): provenance for leaderboards."""
+    body = {k: v for k, v in record.items() if k != "record_hash"}
+    return artifacts.hash_config(body)[:16]
+
+
+def validate(record: dict, where: str = "record") -> dict:
+    version = record.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema_version {version!r} is not the supported {SCHEMA_VERSION}; "
+                          "re-run the suite with this cdabench version to regenerate its records")
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise RecordError(f"{where}: missing field(s) {', '.join(missing)}")
+    return record
+
+
+def append_record(path: Path, record: dict) -> dict:
+    """Append one record; the whole file is rewritten atomically, so a crash never leaves half a line."""
+    record = dict(record, schema_version=SCHEMA_VERSION)
+    record["record_hash"] = record_id(record)
+    validate(record)
+    path = Path(path)
+    existing = path.read_bytes() if path.exists() else b""
+    line = json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
+    artifacts.atomic_write_bytes(path, existing + line.encode())
+    return record
+
+
+def read_records(path: Path) -> list[dict]:
+    path = Path(path)
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(validate(json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{n}: not a JSON object ({exc})") from exc
+    return records

@@ -1,0 +1,104 @@
+"""Devices, precision, seeding, process groups and version stamps: the run-time environment."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` takes the local GPU when there is one (the one torchrun assigned to this rank)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    elif name != "cpu":
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (every training GPU has bf16; no loss scaler needed); fp32 on CPU,
+    where bf16 changing the results has not been measured (shared/notes/machine-performance.md)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move to the device; channels-last on CUDA, where convolutions are faster in it."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """Global seeds for libraries we do not control; our own random choices use explicit generators."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import timm
+    import torchvision
+
+    from cdabench import __version__
+
+    return {
+        "cdabench": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place among the torchrun processes (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_process_group(device: torch.device) -> ProcessGroup:
+    """Join torchrun's group if launched by it: gloo on CPU, NCCL with one device per process on GPU.
+    One process per device, never DataParallel: a wrapped teacher corrupts the BN statistics."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return ProcessGroup()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    return ProcessGroup(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
