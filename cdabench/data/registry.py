@@ -1,0 +1,244 @@
+"""The supported datasets: their official layouts, sizes, normalisation and loaders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import layouts
+from .errors import DataError
+from .images import ImageSplit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset looks like on disk and how its pixels are normalised."""
+
+    name: str
+    layout: str  # official on-disk layout expected under --data-root (shown in errors)
+    image_size: int  # default working size in pixels
+    channels: int
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
+    std: tuple[float, ...]
+    # True: stored images already have the working size. False: photos of any
+    # size, evaluated with Resize(size * 256 / 224) + CenterCrop(size).
+    fixed_size: bool
+    needs_root: bool
+    # (root, spec, image_size) -> (train, test, classes)
+    loader: Callable[[Path | None, "DatasetSpec", int], layouts.Loaded] = field(repr=False, compare=False)
+
+
+@dataclass
+class RealData:
+    """One loaded dataset: the official train and test splits and their classes."""
+
+    spec: DatasetSpec
+    image_size: int
+    classes: list[str]  # index = label; the fixed, recorded order
+    train: ImageSplit
+    test: ImageSplit
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """sha256 hex identifying exactly which real data was loaded.
+
+        Covers the name, working size, classes and, per split, every sample's
+        identity (relative path + byte size for files, raw bytes for arrays)
+        and target. Files are only stat'ed, so this stays cheap for ImageNet.
+        """
+        hasher = hashlib.sha256()
+        header = {"name": self.spec.name, "image_size": self.image_size, "classes": self.classes}
+        hasher.update(json.dumps(header, sort_keys=True).encode())
+        for split_name, split in (("train", self.train), ("test", self.test)):
+            hasher.update(f"\n{split_name}\n".encode())
+            split.update_hash(hasher)
+        return hasher.hexdigest()
+
+
+_IMAGEFOLDER_TREES = (
+    "<root>/train/<class>/<image files> and <root>/val/<class>/<image files>, with the same class "
+    "folders in both (validation images already sorted into class folders)"
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="digits",
+            layout=(
+                "nothing: scikit-learn's bundled load_digits() (1797 8x8 images, classes '0'..'9') "
+                "with a fixed stratified 80/20 train/test split (random_state=0); --data-root is ignored"
+            ),
+            image_size=8,
+            channels=1,
+            # Pixel mean/std of the 1437 train images scaled to [0, 1] at 8 px,
+            # computed once with numpy and rounded to 4 decimals.
+            mean=(0.3054,),
+            std=(0.3760,),
+            fixed_size=True,
+            needs_root=False,
+            loader=layouts.load_digits_split,
+        ),
+        DatasetSpec(
+            name="cifar10",
+            layout=(
+                "<root>/cifar-10-batches-py/ (or --data-root pointing at that folder) holding the python "
+                "pickles data_batch_1 .. data_batch_5, test_batch and batches.meta, as extracted from "
+                "cifar-10-python.tar.gz"
+            ),
+            image_size=32,
+            channels=3,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            fixed_size=True,
+            needs_root=True,
+            loader=layouts.load_cifar10,
+        ),
+        DatasetSpec(
+            name="cifar100",
+            layout=(
+                "<root>/cifar-100-python/ (or --data-root pointing at that folder) holding the python "
+                "pickles train, test and meta, as extracted from cifar-100-python.tar.gz"
+            ),
+            image_size=32,
+            channels=3,
+            mean=(0.5071, 0.4865, 0.4409),
+            std=(0.2673, 0.2564, 0.2762),
+            fixed_size=True,
+            needs_root=True,
+            loader=layouts.load_cifar100,
+        ),
+        DatasetSpec(
+            name="mnist",
+            layout=(
+                "the IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+                "and t10k-labels-idx1-ubyte (each may be gzipped, name + '.gz') directly in <root>, in "
+                "<root>/raw, or in <root>/MNIST/raw (torchvision's layout)"
+            ),
+            image_size=28,
+            channels=1,
+            mean=(0.1307,),
+            std=(0.3081,),
+            fixed_size=True,
+            needs_root=True,
+            loader=layouts.load_mnist,
+        ),
+        DatasetSpec(
+            name="fashion-mnist",
+            layout=(
+                "the IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+                "and t10k-labels-idx1-ubyte (each may be gzipped, name + '.gz') directly in <root>, in "
+                "<root>/raw, or in <root>/FashionMNIST/raw (torchvision's layout)"
+            ),
+            image_size=28,
+            channels=1,
+            mean=(0.2860,),
+            std=(0.3530,),
+            fixed_size=True,
+            needs_root=True,
+            loader=layouts.load_fashion_mnist,
+        ),
+        DatasetSpec(
+            name="tiny-imagenet",
+            layout=(
+                "<root>/tiny-imagenet-200/ (or --data-root pointing at that folder) as extracted from "
+                "tiny-imagenet-200.zip: wnids.txt (the 200 wnids; its order is the class order), "
+                "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
+                "(tab-separated: filename, wnid, bounding box)"
+            ),
+            image_size=64,
+            channels=3,
+            mean=(0.4802, 0.4481, 0.3975),
+            std=(0.2302, 0.2265, 0.2262),
+            fixed_size=True,
+            needs_root=True,
+            loader=layouts.load_tiny_imagenet,
+        ),
+        DatasetSpec(
+            name="imagenet-1k",
+            layout=(
+                "ImageFolder trees <root>/train/<wnid>/*.JPEG (1000 class folders) and "
+                "<root>/val/<wnid>/*.JPEG with the same class folders; the 50,000 validation images "
+                "must already be moved into class folders (e.g. with the usual valprep.sh script)"
+            ),
+            image_size=224,
+            channels=3,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            fixed_size=False,
+            needs_root=True,
+            loader=layouts.load_train_val_folders,
+        ),
+        DatasetSpec(
+            name="imagenet-21k",
+            layout=(
+                "ImageNet-21K-P as ImageFolder trees " + _IMAGEFOLDER_TREES
+                + " (the release's imagenet21k_train / imagenet21k_val folder names are accepted too)"
+            ),
+            image_size=224,
+            channels=3,
+            # ImageNet-21K-P models take [0, 1] inputs without normalisation.
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+            fixed_size=False,
+            needs_root=True,
+            loader=layouts.load_imagenet21k,
+        ),
+        DatasetSpec(
+            name="imagefolder",
+            layout="any ImageFolder trees " + _IMAGEFOLDER_TREES + "; classes are the sorted train folder names",
+            image_size=224,
+            channels=3,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            fixed_size=False,
+            needs_root=True,
+            loader=layouts.load_train_val_folders,
+        ),
+    )
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by create_dataset, in registry order."""
+    return list(DATASETS)
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec for `name` (case-insensitive, '_' accepted for '-')."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def create_dataset(name: str, root: str | Path | None = None, image_size: int | None = None) -> RealData:
+    """Load the official train and test splits of dataset `name` from `root` (never downloads)."""
+    spec = get_spec(name)
+    if spec.needs_root:
+        if root is None:
+            raise DataError(
+                f"{spec.name}: --data-root is required for this dataset (nothing is downloaded). "
+                f"Expected layout under --data-root: {spec.layout}"
+            )
+        if not Path(root).expanduser().is_dir():
+            raise DataError(
+                f"{spec.name}: data root {root} does not exist or is not a directory. "
+                f"Expected layout under --data-root: {spec.layout}"
+            )
+    size = spec.image_size if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise DataError(f"image_size must be a positive integer number of pixels, got {image_size!r}")
+    path = Path(root).expanduser() if root is not None else None
+    train, test, classes = spec.loader(path, spec, int(size))
+    return RealData(spec=spec, image_size=int(size), classes=list(classes), train=train, test=test)
