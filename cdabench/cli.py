@@ -37,8 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--epochs", type=int, default=None, help="override the task's post-train epochs")
     e.add_argument("--out", required=True, help="folder of records.jsonl")
 
-    sub.add_parser("list", help="tasks, methods, models and datasets")
+    r = sub.add_parser("run", help="run a suite (a grid of method x IPC x student x labels x seed)")
+    _suite_args(r)
+    r.add_argument("--out", default=None, help="run folder (default runs/<suite>)")
+
+    c = sub.add_parser("check", help="run a suite and compare its cells with committed targets")
+    _suite_args(c)
+    c.add_argument("--out", default=None, help="run folder (default runs/<suite>)")
+    c.add_argument("--targets", default="leaderboards/targets.csv")
+    c.add_argument("--records", default=None, help="compare the records in this folder instead of running the suite")
+
+    lb = sub.add_parser("leaderboard", help="Markdown/CSV/PNG leaderboards from records")
+    lb.add_argument("--runs", nargs="+", required=True, help="run folders (or records.jsonl files)")
+    lb.add_argument("--out", default="leaderboards")
+    lb.add_argument("--no-plots", action="store_true")
+
+    sub.add_parser("list", help="tasks, methods, models, datasets and suites")
     return parser
+
+
+def _suite_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", required=True, help="suite name (suites/<name>.toml) or path")
+    p.add_argument("--task", default=None, help="override the suite's task")
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--ipc", nargs="+", type=int, default=None)
+    p.add_argument("--students", nargs="+", default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdabench.data import DataError
     try:
         return _dispatch(args, command)
-    except (ConfigError, DataError, ValueError) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         progress.console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
 
@@ -63,8 +91,17 @@ def _dispatch(args, command: str) -> int:
         print("tasks:   ", ", ".join(config.list_tasks()))
         print("methods: ", ", ".join(config.list_methods()))
         print("models:  ", ", ".join(list_models()), "(or any timm name)")
+        from cdabench.suite import list_suites
         print("datasets:", ", ".join(list_datasets()))
+        print("suites:  ", ", ".join(list_suites()))
         return 0
+    if args.command == "leaderboard":
+        from cdabench.leaderboard import generate
+        for path in generate(args.runs, args.out, plots=not args.no_plots):
+            print(path)
+        return 0
+    if args.command in ("run", "check"):
+        return _run_or_check(args, command)
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate
     task = config.load_task(args.task)
@@ -75,6 +112,33 @@ def _dispatch(args, command: str) -> int:
     elif args.command == "evaluate":
         evaluate(ctx, args.data, args.student, args.labels, args.seed, args.out, args.teacher, command, args.epochs)
     return 0
+
+
+def _run_or_check(args, command: str) -> int:
+    from pathlib import Path
+
+    from cdabench import records, report
+    from cdabench.suite import load_suite, narrow, run_suite
+    suite = narrow(load_suite(args.suite), args.task, args.ipc, args.students, args.seeds, args.methods)
+    out = Path(args.out or f"runs/{suite.name}")
+    if args.command == "check" and args.records:
+        results = records.read_records(Path(args.records) / "records.jsonl")
+    else:
+        results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command)
+    for summary in report.summarise(results):
+        progress.console.print(report.rich_table(summary))
+    if args.command == "run":
+        return 0
+    from cdabench.check import compare, read_targets
+    statuses = compare(results, read_targets(Path(args.targets)))
+    for s in statuses:
+        t = s.target
+        measured = "missing" if s.measured is None else f"{s.measured:.2f}"
+        print(f"{s.status.upper():9} {t.task} {t.method} {'full' if t.ipc is None else f'ipc{t.ipc}'} {t.student} "
+              f"{t.labels}: {measured} vs target {t.target_top1:.2f} - {t.tolerance:.2f}")
+    failed = sum(s.failed for s in statuses)
+    print(f"{len(statuses) - failed} passed, {failed} failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -146,18 +146,20 @@ class Task:
 @dataclass(frozen=True)
 class Method:
     """A way to produce a distilled set: `recover` (SRe2L/CDA: the task's [recover.<name>]
-    settings with this crop schedule) or `select` (real images: random, herding, full)."""
+    settings with this crop schedule), `select` (real images: random, herding, full) or `noise`
+    (the recover start point, N(0, 1) in the normalised space, never optimised: the floor every
+    distilled set must clear by a wide margin)."""
 
     name: str
-    kind: str                          # recover | select
+    kind: str                          # recover | select | noise
     description: str = ""
     strategy: str = ""                 # select: random | herding | full
     crop: CropSchedule | None = None   # recover: the default crop schedule (a task may override)
     path: str = ""
 
     def __post_init__(self):
-        if self.kind not in ("recover", "select"):
-            raise ValueError(f"method kind must be recover or select, got {self.kind!r}")
+        if self.kind not in ("recover", "select", "noise"):
+            raise ValueError(f"method kind must be recover, select or noise, got {self.kind!r}")
         if self.kind == "select" and self.strategy not in ("random", "herding", "full"):
             raise ValueError(f"select strategy must be random, herding or full, got {self.strategy!r}")
         if self.kind == "recover" and self.crop is None:
@@ -180,6 +182,12 @@ _DICT_VALUE = {(Task, "recover"): RecoverConfig, (PostTrain, "students"): Studen
 # CDA is the product's own method, so it is declared here; the baselines are data (baselines/).
 CDA = Method(name="cda", kind="recover", crop=CropSchedule(kind="cosine", milestone=1.0),
              description="Curriculum Data Augmentation: SRe2L recover with an easy-to-hard crop-scale curriculum")
+
+
+def method_uses_seed(method: Method) -> bool:
+    """Whether the distilled set changes with the seed (herding and full are deterministic, so
+    one set serves every seed; the seed then only seeds the student)."""
+    return not (method.kind == "select" and method.strategy in ("herding", "full"))
 
 
 def _read_toml(path: Path) -> dict:
@@ -223,7 +231,11 @@ def load_method(name: str) -> Method:
 
 
 def recover_config(task: Task, method: Method) -> RecoverConfig:
-    """The task's [recover.<method>] settings; the method's crop schedule unless the task sets one."""
+    """The task's [recover.<method>] settings; the method's crop schedule unless the task sets one.
+    `noise` is recover with zero iterations: the saved images are the initial noise."""
+    if method.kind == "noise":
+        batch = min((c.batch_size for c in task.recover.values()), default=100)
+        return RecoverConfig(iterations=0, jitter=0, batch_size=batch, crop=CropSchedule(kind="none"))
     if method.name not in task.recover:
         raise ConfigError(f"task {task.name} has no [recover.{method.name}] settings; "
                           f"it declares: {', '.join(sorted(task.recover)) or 'none'}")

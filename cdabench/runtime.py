@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 import sys
@@ -100,5 +101,6 @@ def init_process_group(device: torch.device) -> ProcessGroup:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend)
+        # A long timeout: ranks wait at barriers while rank 0 trains a teacher or writes a manifest.
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(days=7))
     return ProcessGroup(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())

@@ -54,21 +54,24 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
             raise ConfigError(f"method {method.name} needs --ipc N (a positive number of images per class)")
         if method.kind == "select":
             check_ipc(ctx, ipc)
-    needs_teacher = method.kind == "recover" or method.strategy == "herding"
+    synthetic = method.kind in ("recover", "noise")
+    needs_teacher = synthetic or method.strategy == "herding"
     teacher = get_teacher(ctx, teacher_path) if needs_teacher else None
-    rconfig = recover_config(ctx.task, method) if method.kind == "recover" else None
+    rconfig = recover_config(ctx.task, method) if synthetic else None
     folders = class_folders(ctx.classes)
     run_config = {"task": ctx.task.name, "dataset": ctx.data.fingerprint(), "method": method.name,
                   "ipc": None if full else ipc, "seed": seed, "classes": ctx.classes, "image_size": ctx.image_size,
                   "teacher": teacher.hash if teacher else None,
                   "recover": rconfig.to_dict() if rconfig else None, "strategy": method.strategy or None}
     _check_same_run(out / "distill.json", run_config)
+    if (out / MANIFEST).exists():  # finished earlier with the same configuration: nothing to do
+        return artifacts.read_json(out / MANIFEST)
     if ctx.group.is_main:
         artifacts.atomic_write_json(out / "distill.json", run_config)
     ctx.group.barrier()
     start = time.perf_counter()
     selection = None
-    if method.kind == "recover":
+    if synthetic:
         markers = run_recover(teacher.model, out, folders, ipc, rconfig, seed, ctx.shape, ctx.mean, ctx.std,
                               ctx.device, ctx.group, stop_after=stop_after)
         files = {rel: digest for m in markers.values() for rel, digest in m["files"].items()}
@@ -96,7 +99,7 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
                     "probe_top1": teacher.info.get("probe_top1"), "heldout_top1": teacher.info.get("heldout_top1"),
                     "seconds": teacher.info.get("seconds", 0.0)} if teacher else None,
         "config": run_config, "seconds": {"squeeze": teacher.info.get("seconds", 0.0) if teacher else 0.0,
-                                          "recover" if method.kind == "recover" else "select": stage_seconds},
+                                          "recover" if synthetic else "select": stage_seconds},
         "versions": versions(), "device": device_description(ctx.device), "command": command,
     }
     if ctx.group.is_main:
@@ -183,6 +186,18 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
     return source, store
 
 
+def student_recipe(ctx: Context, student: str, epochs: int | None = None):
+    recipe = ctx.task.posttrain.recipe_for(student)
+    return dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
+
+
+def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None) -> dict:
+    """Everything about post-train that a result depends on (hashed into every record)."""
+    kd = ctx.task.posttrain.kd
+    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs)), "labels": labels,
+            "kd": dataclasses.asdict(kd) if labels == "soft" else None}
+
+
 def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int, out: str | Path,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
              extra: dict | None = None) -> dict:
@@ -190,9 +205,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     if labels not in ("soft", "hard"):
         raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
     bank, manifest = load_distilled(ctx, data_dir)
-    recipe = ctx.task.posttrain.recipe_for(student)
-    if epochs is not None:
-        recipe = dataclasses.replace(recipe, epochs=epochs)
+    recipe = student_recipe(ctx, student, epochs)
     teacher = get_teacher(ctx, teacher_path) if labels == "soft" else None
     relabel_start = time.perf_counter()
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
@@ -204,8 +217,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
     heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
     kd = ctx.task.posttrain.kd
-    eval_config = {"recipe": dataclasses.asdict(recipe), "labels": labels,
-                   "kd": dataclasses.asdict(kd) if labels == "soft" else None}
+    eval_config = evaluation_config(ctx, student, labels, epochs)
     seconds = dict(manifest.get("seconds", {}))
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
     record = {

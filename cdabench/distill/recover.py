@@ -148,7 +148,8 @@ def recover_batch(teacher: nn.Module, labels: list[int], config: RecoverConfig, 
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
             if on_step is not None:
                 on_step(t, loss_ce.detach(), loss_bn.detach())  # tensors: reading them syncs a GPU
-        stats = {"final_ce": float(loss_ce.item()), "final_bn": float(loss_bn.item())}
+        if config.iterations > 0:
+            stats = {"final_ce": float(loss_ce.item()), "final_bn": float(loss_bn.item())}
     return to_uint8(x.detach(), mean, std), stats
 
 

@@ -137,6 +137,22 @@ class TrainResult:
     teacher_forwards: int = 0
 
 
+def train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data) -> torch.Tensor:
+    """One optimiser step: augment + target (from the label source), forward, loss, backward."""
+    x = to_unit(x_uint8, device)
+    inputs, target = labels.prepare(x, y.to(device), idx, epoch, rng, data)
+    inputs = normalizer(inputs)
+    if device.type == "cuda":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        logits = model(inputs)
+    loss = labels.loss(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def _save_checkpoint(path: Path, model, optimizer, rng, epoch: int, step: int, result: TrainResult) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "epoch": torch.tensor(epoch), "step": torch.tensor(step)}
@@ -181,18 +197,8 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                 lr = lr_at(recipe, step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x = to_unit(x_uint8, device)
-                inputs, target = labels.prepare(x, y.to(device), idx, epoch, rng, data)
-                inputs = normalizer(inputs)
-                if device.type == "cuda":
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                with autocast(device):
-                    logits = model(inputs)
-                loss = labels.loss(logits.float(), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total_loss += loss.detach() * len(y)
+                loss = train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data)
+                total_loss += loss * len(y)
                 seen += len(y)
                 step += 1
             entry = {"epoch": epoch + 1, "loss": (total_loss / max(1, seen)).item(), "lr": lr}

@@ -1,0 +1,163 @@
+"""Suites: a declared grid of task x method x IPC x student x label protocol x seed, run with
+every distinct stage computed once (one teacher per task, one distilled set per method, IPC and
+seed, reused by every student) and every finished cell skipped on a re-run."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdabench import artifacts, progress, records
+from cdabench.config import ROOT, ConfigError, _read_toml, build, load_method, load_task, method_uses_seed
+from cdabench.models import MODELS
+
+SUITES_DIR = ROOT / "suites"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str = ""
+    task: str = "digits"
+    methods: tuple[str, ...] = ("cda", "sre2l", "random", "herding", "full")
+    ipcs: tuple[int, ...] = ()               # empty: the task's IPCs
+    students: tuple[str, ...] = ("resnet18",)
+    labels: tuple[str, ...] = ("soft",)
+    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair)
+    seeds: tuple[int, ...] = (0, 1)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    method: str
+    ipc: int | None
+    student: str
+    labels: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        ipc = "full" if self.ipc is None else f"ipc{self.ipc}"
+        return f"{self.method}/{ipc}/{self.student}/{self.labels}/seed{self.seed}"
+
+
+def list_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def load_suite(name: str) -> Suite:
+    path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown suite {name!r}: known suites are {', '.join(list_suites())}")
+    data = _read_toml(path)
+    data.setdefault("name", path.stem)
+    return dataclasses.replace(build(Suite, data, str(path)), path=str(path))
+
+
+def narrow(suite: Suite, task: str | None = None, ipcs=None, students=None, seeds=None, methods=None) -> Suite:
+    """The command line's overrides of a suite's grid."""
+    changes = {k: tuple(v) for k, v in
+               {"ipcs": ipcs, "students": students, "seeds": seeds, "methods": methods}.items() if v}
+    if task:
+        changes["task"] = task
+    return dataclasses.replace(suite, **changes)
+
+
+def validate(suite: Suite) -> None:
+    """Unknown names fail before any work starts, listing the valid ones."""
+    load_task(suite.task)
+    for method in suite.methods + suite.hard_label_methods:
+        load_method(method)
+    import timm
+    unknown = [s for s in suite.students if s not in MODELS and not timm.is_model(s)]
+    if unknown:
+        raise ConfigError(f"unknown student(s) {', '.join(unknown)}: use {', '.join(sorted(MODELS))} or a timm model name")
+    bad = [label for label in suite.labels if label not in ("soft", "hard")]
+    if bad:
+        raise ConfigError(f"unknown label protocol(s) {', '.join(bad)}: use soft or hard")
+
+
+def expand(suite: Suite) -> list[Cell]:
+    """The grid, in run order: method, IPC, seed, student, label protocol."""
+    task = load_task(suite.task)
+    ipcs = suite.ipcs or task.ipcs
+    cells = []
+    for method_name in suite.methods:
+        method = load_method(method_name)
+        full = method.kind == "select" and method.strategy == "full"
+        for ipc in ([None] if full else ipcs):
+            for seed in suite.seeds:
+                for student in suite.students:
+                    labels = list(suite.labels)
+                    if method_name in suite.hard_label_methods and "hard" not in labels:
+                        labels.append("hard")
+                    cells.extend(Cell(task.name, method_name, ipc, student, lab, seed) for lab in labels)
+    return cells
+
+
+def distill_seed(method_name: str, seed: int) -> int:
+    return seed if method_uses_seed(load_method(method_name)) else 0
+
+
+def distill_key(ctx, method_name: str, teacher: str) -> str:
+    """What a distilled set depends on besides method, IPC and seed: the teacher (its cache key
+    covers the data, the splits and the recipe) and the method's own settings."""
+    from cdabench.config import recover_config
+    method = load_method(method_name)
+    settings = recover_config(ctx.task, method).to_dict() if method.kind in ("recover", "noise") else method.strategy
+    return artifacts.hash_config({"teacher": teacher, "method": method_name, "settings": settings})
+
+
+def cell_key(cell: Cell, images_hash: str, eval_config: dict, teacher_hash: str | None) -> str:
+    """What a cell's result depends on: change any of it and the cell runs again."""
+    return artifacts.hash_config({"cell": dataclasses.asdict(cell), "images": images_hash,
+                                  "eval": eval_config, "teacher": teacher_hash if cell.labels == "soft" else None})
+
+
+def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str = "auto",
+              cache: str | None = None, command: str = "", stop_after: int | None = None) -> list[dict]:
+    """Run every unfinished cell; returns the suite's records (old and new). `stop_after` stops
+    after that many newly evaluated cells (tests of resuming)."""
+    from cdabench.distill.context import open_context
+    from cdabench.distill.pipeline import distill, evaluate, evaluation_config
+    from cdabench.distill.squeeze import get_teacher, teacher_key
+
+    validate(suite)
+    cells = expand(suite)
+    task = load_task(suite.task)
+    ctx = open_context(task, data_root, device, cache)
+    out = Path(out)
+    records_path = out / "records.jsonl"
+    existing = records.read_records(records_path) if records_path.exists() else []
+    done = {r.get("cell_key"): r for r in existing}
+    start = time.perf_counter()
+    teacher = get_teacher(ctx)
+    results, distilled, evaluated = [], {}, 0
+    with progress.track(f"suite {suite.name}", len(cells)) as bar:
+        for cell in cells:
+            dseed = distill_seed(cell.method, cell.seed)
+            set_key = (cell.method, cell.ipc, dseed)
+            if set_key not in distilled:
+                config_hash = distill_key(ctx, cell.method, teacher_key(ctx, 0))[:10]
+                folder = out / "distilled" / f"{cell.method}-{'full' if cell.ipc is None else f'ipc{cell.ipc}'}" \
+                    f"-seed{dseed}-{config_hash}"
+                distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command))
+            folder, manifest = distilled[set_key]
+            key = cell_key(cell, manifest["images_hash"], evaluation_config(ctx, cell.student, cell.labels),
+                           teacher.hash)
+            if key in done:
+                results.append(done[key])
+            else:
+                record = evaluate(ctx, folder, cell.student, cell.labels, cell.seed, out, command=command,
+                                  extra={"suite": suite.name, "cell": cell.name, "cell_key": key})
+                done[key] = record
+                results.append(record)
+                evaluated += 1
+                if stop_after is not None and evaluated >= stop_after:
+                    raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
+            bar.advance(1, cell.name)
+    progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
+    return results

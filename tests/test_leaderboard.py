@@ -1,0 +1,130 @@
+"""Suites expand as declared; leaderboards are byte-deterministic; `cdabench check` fails on a
+regression; bad names and foreign record schemas are refused with the reason."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cdabench import records
+from cdabench.check import read_targets, write_targets
+from cdabench.cli import main
+from cdabench.config import ConfigError
+from cdabench.leaderboard import generate, published_status
+from cdabench.suite import Cell, expand, load_suite, narrow, validate
+
+STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
+
+
+def test_cross_arch_grid_expands_as_declared():
+    suite = load_suite("cross-arch")
+    cells = expand(suite)
+    # 5 methods (full has no IPC) x 1 IPC x 2 seeds x 4 students, soft; + hard for cda and random.
+    assert len(cells) == (5 + 2) * 2 * 4
+    assert len(set(cells)) == len(cells)
+    assert Cell("digits", "cda", 10, "deit_tiny", "hard", 1) in cells
+    assert Cell("digits", "full", None, "resnet50", "soft", 0) in cells
+    assert not any(c.method == "sre2l" and c.labels == "hard" for c in cells)
+    narrowed = expand(narrow(suite, students=["resnet18"], seeds=[0, 1, 2], methods=["cda", "random"]))
+    assert len(narrowed) == 2 * 3 * 1 * 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["cda", "magic"]}, "unknown method 'magic'"),
+    ({"students": ["resnet18", "not_a_net"]}, "unknown student(s) not_a_net"),
+    ({"task": "no-such-task"}, "unknown task 'no-such-task'"),
+])
+def test_unknown_names_are_refused_with_the_valid_ones(change, message):
+    suite = narrow(load_suite("cross-arch"), **change)
+    with pytest.raises(ConfigError) as err:
+        validate(suite)
+    assert message in str(err.value) and "known" in str(err.value) or "use" in str(err.value)
+
+
+def test_unknown_suite_lists_suites(capsys):
+    assert main(["run", "--suite", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'nope'" in err and "cross-arch" in err
+
+
+def make_record(method: str, ipc, student: str, seed: int, top1: float, labels: str = "soft", task: str = "digits") -> dict:
+    record = {
+        "schema_version": records.SCHEMA_VERSION, "task": task, "dataset": task, "method": method, "ipc": ipc,
+        "student": student, "labels": labels, "label_protocol": "online-kd" if labels == "soft" else "hard",
+        "seed": seed, "top1": top1, "top5": min(100.0, top1 + 5), "heldout_top1": top1, "epochs": 10,
+        "num_images": 100, "image_bytes": 8000, "label_bytes": 0, "teacher_forwards": 1000,
+        "seconds": {"recover": 1.0, "posttrain": 2.0}, "device": "cpu:test", "command": "cdabench run --suite t",
+        "versions": {"cdabench": "0.1.0", "torch": "2.14.1", "timm": "1.0.31"},
+        "hashes": {"images": "x", "labels": None, "teacher": "t", "eval_config": "e", "classes": "c"},
+    }
+    record["record_hash"] = records.record_id(record)
+    return record
+
+
+def write_records(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return folder
+
+
+def grid_records(shift: dict | None = None) -> list[dict]:
+    base = {"cda": 80.0, "sre2l": 75.0, "random": 85.0, "herding": 84.0}
+    rows = []
+    for method, acc in base.items():
+        for k, student in enumerate(STUDENTS):
+            for seed in (0, 1):
+                rows.append(make_record(method, 10, student, seed, acc - k + seed + (shift or {}).get(method, 0.0)))
+    rows += [make_record("full", None, s, seed, 98.0) for s in STUDENTS for seed in (0, 1)]
+    return rows
+
+
+def test_leaderboard_is_byte_deterministic_and_carries_provenance(tmp_path):
+    runs = write_records(tmp_path / "runs", grid_records())
+    first = generate([runs], tmp_path / "a")
+    generate([runs], tmp_path / "b")
+    for name in ("digits.md", "digits.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert {p.name for p in first} >= {"digits-heatmap.png", "digits-accuracy-vs-ipc.png", "digits-accuracy-vs-bytes.png"}
+    assert (tmp_path / "a" / "digits-heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "a" / "digits.md").read_text()
+    # cda is 5 points below random for every student and seed: Δ = -5.0 exactly, zero-width interval.
+    assert "| cda | 80.5 ± 0.7 | 79.5 ± 0.7 | 78.5 ± 0.7 | 77.5 ± 0.7 | 79.0 | 77.5 | -5.0 [-5.0, -5.0] | 0,1 |" in md
+    assert "Kendall τ" in md and "+1.00" in md   # identical rankings across students
+    assert "cdabench run --suite t" in md and "cpu:test" in md
+    csv_text = (tmp_path / "a" / "digits.csv").read_text()
+    assert all(r["record_hash"] in csv_text for r in grid_records())
+
+
+def test_published_status_rules():
+    assert published_status([], 50.0) == "not run"
+    assert published_status([49.5], 50.0) == "reproduced"
+    assert published_status([48.0], 50.0) == "within tolerance"
+    assert published_status([40.0], 50.0) == "not reproduced"
+
+
+def test_check_fails_on_a_degraded_record_and_a_missing_cell(tmp_path, capsys):
+    good = write_records(tmp_path / "good", grid_records())
+    targets = tmp_path / "targets.csv"
+    write_targets(targets, records.read_records(good / "records.jsonl"))
+    assert len(read_targets(targets)) == 4 * 4 + 4
+    assert main(["check", "--suite", "cross-arch", "--targets", str(targets), "--records", str(good)]) == 0
+    assert "20 passed, 0 failed" in capsys.readouterr().out
+    degraded = write_records(tmp_path / "bad", grid_records(shift={"cda": -10.0}))
+    assert main(["check", "--suite", "cross-arch", "--targets", str(targets), "--records", str(degraded)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED digits cda ipc10 resnet18 soft" in out and "4 failed" in out
+    better = write_records(tmp_path / "better", grid_records(shift={"cda": +10.0}))   # one-sided: better passes
+    assert main(["check", "--suite", "cross-arch", "--targets", str(targets), "--records", str(better)]) == 0
+    capsys.readouterr()
+    partial = write_records(tmp_path / "partial", [r for r in grid_records() if r["method"] != "herding"])
+    assert main(["check", "--suite", "cross-arch", "--targets", str(targets), "--records", str(partial)]) == 1
+    assert "MISSING   digits herding" in capsys.readouterr().out
+
+
+def test_records_of_another_schema_version_are_refused(tmp_path):
+    old = make_record("cda", 10, "resnet18", 0, 80.0)
+    old["schema_version"] = 0
+    runs = write_records(tmp_path / "old", [old])
+    with pytest.raises(records.RecordError, match="schema_version 0 is not the supported 1"):
+        generate([runs], tmp_path / "out")
