@@ -3,9 +3,8 @@
 Sampling (`sample_*`, numpy Generator, CPU) is separate from applying (`apply_*`, torch, any
 device), so the same parameters can be stored and replayed exactly (FKD-style soft labels) and
 every random choice comes from a seeded generator, never from global RNG state.
-Crops are resized with `torchvision.ops.roi_align` (one bilinear sample per output pixel,
-`aligned=True`): numerically the same as cropping then `interpolate(bilinear, align_corners=False)`,
-but batched over per-sample boxes and differentiable with respect to the image.
+Crops are resized with one `grid_sample` over per-image boxes: numerically the same as cropping
+then `interpolate(bilinear, align_corners=False)`, batched and differentiable in the image.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -46,14 +44,25 @@ def sample_crop_box(rng: np.random.Generator, height: int, width: int,
 
 
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Crop box k = (top, left, h, w) of image k and resize it bilinearly to `size`.
-    x: float (N, C, H, W); boxes: (N, 4). Differentiable in x."""
-    boxes = boxes.to(device=x.device, dtype=x.dtype)
-    top, left, h, w = boxes.unbind(1)
-    index = torch.arange(x.shape[0], device=x.device, dtype=x.dtype)
-    rois = torch.stack([index, left, top, left + w, top + h], dim=1)
-    out_size = (size, size) if isinstance(size, int) else size
-    return roi_align(x, rois, out_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    """Crop box k = (top, left, h, w) of image k and resize it bilinearly to `size`: the same
+    numbers as `interpolate(x[..., top:top+h, left:left+w], size, mode="bilinear",
+    align_corners=False)` (torchvision's tensor resize without antialias), batched over per-image
+    boxes and differentiable in x. Source coordinates are clamped to the box, as interpolate
+    clamps them to the cropped tensor, so no pixel outside the box leaks in."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    height, width = x.shape[-2:]
+    boxes = boxes.to(device=x.device, dtype=torch.float32)
+    top, left, h, w = (t[:, None] for t in boxes.unbind(1))
+
+    def source(start, extent, out, full):
+        steps = torch.arange(out, device=x.device, dtype=torch.float32)[None, :]
+        inside = ((steps + 0.5) * extent / out - 0.5).clamp(min=0).minimum(extent - 1)
+        return 2 * (start + inside) / max(full - 1, 1) - 1  # grid_sample's align_corners=True units
+
+    gy = source(top, h, out_h, height)[:, :, None].expand(-1, out_h, out_w)
+    gx = source(left, w, out_w, width)[:, None, :].expand(-1, out_h, out_w)
+    grid = torch.stack([gx, gy], dim=-1).to(x.dtype)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def apply_flips(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

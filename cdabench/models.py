@@ -80,14 +80,18 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def check_model_name(name: str) -> None:
+    if name not in MODELS and not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(list_models())} or any timm model name "
+                         "(`python -c 'import timm; print(timm.list_models())'` lists them)")
+
+
 def create_model(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
     """A fresh, randomly initialised model (seed torch before calling for a reproducible init)."""
+    check_model_name(name)
     entry = MODELS.get(name)
     if entry is not None:
         return entry.build(entry.timm_name, num_classes, in_chans, image_size)
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: use one of {', '.join(list_models())} or any timm model name "
-                         "(`python -c 'import timm; print(timm.list_models())'` lists them)")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 

@@ -116,6 +116,9 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
                       normalizer, device: torch.device, image_size: int) -> dict:
     """Generate (or finish) the stored soft labels: one atomically written file per epoch, so an
     interrupted relabel resumes at the first missing epoch. Returns the store's manifest."""
+    finished = (root / "labels.json").exists() and all(epoch_file(root, e).exists() for e in range(config.epochs))
+    if finished:  # made earlier: its manifest keeps the cost of making it
+        return artifacts.read_json(root / "labels.json")
     teacher.eval()
     n = images.shape[0]
     spec = config.augment
@@ -160,7 +163,7 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
     manifest = {"config": config.to_dict(), "num_images": n, "files": files,
                 "label_hash": artifacts.hash_file_map(files),
                 "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(config.epochs)),
-                "teacher_forwards": n * len(todo), "seconds": time.perf_counter() - start}
+                "teacher_forwards": n * config.epochs, "seconds": time.perf_counter() - start}
     artifacts.atomic_write_json(root / "labels.json", manifest)
     return manifest
 

@@ -20,7 +20,7 @@ from cdabench.distill.recover import image_relpath, run_recover
 from cdabench.distill.select import select_herding, select_random
 from cdabench.distill.squeeze import Teacher, get_teacher
 from cdabench.distill.train import ImageBank, evaluate_model, train_model
-from cdabench.models import create_model, describe_adaptation
+from cdabench.models import check_model_name, create_model, describe_adaptation
 from cdabench.runtime import device_description, prepare_model, versions
 
 MANIFEST = "manifest.json"
@@ -134,6 +134,18 @@ def _real_bytes(ctx: Context) -> int:
     return len(ctx.fit) * int(np.prod(ctx.shape))
 
 
+def _verify_files(folder: Path, files: dict[str, str]) -> None:
+    """The images must be the ones the manifest describes: a record's image hash is their hash."""
+    for rel, digest in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise DataError(f"{path} is listed in the manifest but missing: re-run `cdabench distill` with the "
+                            "same arguments to restore it")
+        if artifacts.sha256_file(path) != digest:
+            raise DataError(f"{path} changed since it was distilled (sha256 differs from manifest.json): "
+                            "re-distil into a fresh --out, or remove manifest.json to evaluate it as a foreign folder")
+
+
 def load_distilled(ctx: Context, data_dir: str | Path) -> tuple[object, dict]:
     """A distilled set as a training source plus its description. Ours (with manifest.json) or any
     ImageFolder of distilled images (e.g. the official SRe2L/CDA releases), mapped onto the task's
@@ -150,6 +162,8 @@ def load_distilled(ctx: Context, data_dir: str | Path) -> tuple[object, dict]:
         if manifest.get("full"):
             return ctx.source("fit"), manifest
     folder = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
+    if manifest is not None:
+        _verify_files(folder, manifest["files"])
     split, _ = load_imagefolder(folder, ctx.shape[0], classes=ctx.classes)
     images = split.load_all()
     if tuple(images.shape[1:]) != ctx.shape:
@@ -204,6 +218,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     """Train a fresh `student` on the distilled set only; record the last epoch's test accuracy."""
     if labels not in ("soft", "hard"):
         raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
+    check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
     bank, manifest = load_distilled(ctx, data_dir)
     recipe = student_recipe(ctx, student, epochs)
     teacher = get_teacher(ctx, teacher_path) if labels == "soft" else None
@@ -220,6 +235,8 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     eval_config = evaluation_config(ctx, student, labels, epochs)
     seconds = dict(manifest.get("seconds", {}))
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
+    if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)
+        seconds["squeeze"] = teacher.info.get("seconds", 0.0)
     record = {
         "task": ctx.task.name, "dataset": ctx.data.spec.name, "method": manifest.get("method"),
         "ipc": manifest.get("ipc"), "student": student, "labels": labels,

@@ -112,6 +112,7 @@ def recover_batch(teacher: nn.Module, labels: list[int], config: RecoverConfig, 
                   on_step=None) -> tuple[torch.Tensor, dict]:
     """Optimise one batch of images from N(0, 1) noise; returns uint8 (B, C, H, W) and loss stats.
     The teacher must be frozen (eval mode, no parameter gradients): only the images learn."""
+    freeze(teacher)
     channels, height, width = shape
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)

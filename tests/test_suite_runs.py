@@ -1,0 +1,82 @@
+"""The suite runner on a tiny task: caching is keyed by what each stage depends on, a re-run of a
+finished suite trains nothing, and a killed suite resumes at the first unfinished cell."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdabench import records
+from cdabench.suite import Suite, run_suite
+
+TASK = """
+dataset = "digits"
+ipcs = [2]
+holdout_fraction = 0.1
+[teacher]
+model = "resnet18"
+epochs = 4
+batch_size = 64
+lr = 0.05
+warmup_epochs = 1
+augment = {{ crop = "none", flip = false }}
+[recover.cda]
+iterations = {cda_iterations}
+batch_size = 20
+jitter = 1
+[posttrain.recipe]
+epochs = {epochs}
+batch_size = 20
+optimizer = "adamw"
+lr = 0.001
+"""
+
+
+def write_task(folder: Path, cda_iterations: int = 3, epochs: int = 2) -> str:
+    path = folder / "tiny.toml"
+    path.write_text(TASK.format(cda_iterations=cda_iterations, epochs=epochs))
+    return str(path)
+
+
+def suite_for(task: str) -> Suite:
+    return Suite(name="tiny", task=task, methods=("cda", "random"), students=("resnet18",), seeds=(0,),
+                 hard_label_methods=("random",))
+
+
+def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    task = write_task(tmp_path)
+    # Killed after the first evaluated cell: one record, the rest still to do.
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite_for(task), out, device="cpu", stop_after=1)
+    assert len(records.read_records(out / "records.jsonl")) == 1
+    results = run_suite(suite_for(task), out, device="cpu")
+    stored = records.read_records(out / "records.jsonl")
+    assert len(results) == 3 and len(stored) == 3          # resumed: the first cell was not redone
+    teachers = list((tmp_path / "cache" / "teachers").iterdir())
+    assert len(teachers) == 1
+    distilled = sorted(p.name for p in (out / "distilled").iterdir())
+    assert len(distilled) == 2
+    shard_times = {p: p.stat().st_mtime_ns for p in (out / "distilled").rglob("shards/*.json")}
+
+    # A finished suite: nothing runs again.
+    run_suite(suite_for(task), out, device="cpu")
+    assert len(records.read_records(out / "records.jsonl")) == 3
+
+    # A post-train setting changes: every cell is evaluated again, nothing is distilled again.
+    write_task(tmp_path, epochs=3)
+    run_suite(suite_for(task), out, device="cpu")
+    assert len(records.read_records(out / "records.jsonl")) == 6
+    assert sorted(p.name for p in (out / "distilled").iterdir()) == distilled
+    assert {p: p.stat().st_mtime_ns for p in shard_times} == shard_times
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+
+    # CDA's recover setting changes: only CDA is distilled and evaluated again; random is untouched.
+    write_task(tmp_path, cda_iterations=4, epochs=3)
+    run_suite(suite_for(task), out, device="cpu")
+    stored = records.read_records(out / "records.jsonl")
+    assert len(stored) == 7 and stored[-1]["method"] == "cda"
+    after = sorted(p.name for p in (out / "distilled").iterdir())
+    assert len(after) == 3 and set(distilled) < set(after)
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
