@@ -56,9 +56,14 @@ def read_targets(path: Path) -> list[Target]:
                 for row in reader]
 
 
+def _cross_arch(records: list[dict]) -> list[dict]:
+    """Continual records share the schema but not the meaning of top1: never mix them in."""
+    return [r for r in records if not r.get("continual")]
+
+
 def compare(records: list[dict], targets: list[Target]) -> list[CellStatus]:
     measured = defaultdict(list)
-    for r in records:
+    for r in _cross_arch(records):
         measured[(r["task"], r["method"], r["ipc"], r["student"], r["labels"])].append(r["top1"])
     out = []
     for t in targets:
@@ -76,9 +81,9 @@ def write_targets(path: Path, records: list[dict], spread_records: list[dict] | 
     """Targets from measured records: the mean per cell; tolerance = max(floor, k x the seed-to-seed
     std measured in `spread_records` (or in `records` when they hold several seeds))."""
     cells, spread = defaultdict(list), defaultdict(list)
-    for r in records:
+    for r in _cross_arch(records):
         cells[(r["task"], r["method"], r["ipc"], r["student"], r["labels"])].append(r["top1"])
-    for r in spread_records or records:
+    for r in _cross_arch(spread_records or records):
         spread[(r["task"], r["method"], r["ipc"], r["student"], r["labels"])].append(r["top1"])
     targets = [Target(*key, round(stats.mean(v), 2), round(max(floor, k * stats.std(spread.get(key, v))), 2))
                for key, v in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0]))]

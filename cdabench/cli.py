@@ -63,6 +63,10 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ipc", nargs="+", type=int, default=None)
     p.add_argument("--students", nargs="+", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--steps", nargs="+", type=int, default=None,
+                   help="continual suites: the numbers of class-incremental steps (e.g. 5 10)")
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help="continual suites: the sequential strategies (naive replay gdumb lwf ewc der er_ace)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None)
@@ -118,7 +122,13 @@ def _run_or_check(args, command: str) -> int:
     from pathlib import Path
 
     from cdabench import records, report
+    from cdabench.config import ConfigError
+    from cdabench.continual.runner import is_continual_suite
     from cdabench.suite import load_suite, narrow, run_suite
+    if is_continual_suite(args.suite):
+        return _run_continual(args, command)
+    if args.steps or args.strategies:
+        raise ConfigError("--steps and --strategies apply to continual suites only (e.g. --suite continual)")
     suite = narrow(load_suite(args.suite), args.task, args.ipc, args.students, args.seeds, args.methods)
     out = Path(args.out or f"runs/{suite.name}")
     if args.command == "check" and args.records:
@@ -139,6 +149,23 @@ def _run_or_check(args, command: str) -> int:
     failed = sum(s.failed for s in statuses)
     print(f"{len(statuses) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _run_continual(args, command: str) -> int:
+    from pathlib import Path
+
+    from cdabench.config import ConfigError
+    from cdabench.continual import runner
+    from cdabench.continual.report import rich_table
+    if args.command == "check":
+        raise ConfigError("continual suites have no regression targets: use `cdabench run --suite continual`")
+    suite = runner.narrow(runner.load_continual_suite(args.suite), args.task, args.ipc, args.students, args.seeds,
+                          args.methods, args.steps, args.strategies)
+    out = Path(args.out or f"runs/{suite.name}")
+    results = runner.run_continual(suite, out, args.data_root, args.device, args.cache_dir, command)
+    for table in rich_table(results):
+        progress.console.print(table)
+    return 0
 
 
 if __name__ == "__main__":

@@ -112,13 +112,19 @@ class PostTrain:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     kd: KDConfig = field(default_factory=KDConfig)
     students: dict[str, StudentOverride] = field(default_factory=dict)
+    # The `full` baseline's epochs; None = the same epochs as every other method. A task may set the
+    # same number of optimiser steps instead (equal compute), when equal epochs over the whole real
+    # set would dominate its budget; the record says which (docs/digits.md).
+    full_epochs: int | None = None
 
-    def recipe_for(self, student: str) -> TrainRecipe:
+    def recipe_for(self, student: str, full: bool = False) -> TrainRecipe:
         """The protocol for one student: the shared recipe with that student's overrides."""
         changes = {"model": student}
         override = self.students.get(student)
         if override is not None:
             changes.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
+        if full and self.full_epochs is not None:
+            changes["epochs"] = self.full_epochs
         return dataclasses.replace(self.recipe, **changes)
 
 

@@ -146,7 +146,8 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
                     f"-seed{dseed}-{config_hash}"
                 distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command))
             folder, manifest = distilled[set_key]
-            key = cell_key(cell, manifest["images_hash"], evaluation_config(ctx, cell.student, cell.labels),
+            key = cell_key(cell, manifest["images_hash"],
+                           evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full"))),
                            teacher.hash)
             if key in done:
                 results.append(done[key])

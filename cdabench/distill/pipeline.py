@@ -200,15 +200,15 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
     return source, store
 
 
-def student_recipe(ctx: Context, student: str, epochs: int | None = None):
-    recipe = ctx.task.posttrain.recipe_for(student)
+def student_recipe(ctx: Context, student: str, epochs: int | None = None, full: bool = False):
+    recipe = ctx.task.posttrain.recipe_for(student, full)
     return dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
 
 
-def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None) -> dict:
+def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None, full: bool = False) -> dict:
     """Everything about post-train that a result depends on (hashed into every record)."""
     kd = ctx.task.posttrain.kd
-    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs)), "labels": labels,
+    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full)), "labels": labels,
             "kd": dataclasses.asdict(kd) if labels == "soft" else None}
 
 
@@ -220,7 +220,8 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
     check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
     bank, manifest = load_distilled(ctx, data_dir)
-    recipe = student_recipe(ctx, student, epochs)
+    full = bool(manifest.get("full"))
+    recipe = student_recipe(ctx, student, epochs, full)
     teacher = get_teacher(ctx, teacher_path) if labels == "soft" else None
     relabel_start = time.perf_counter()
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
@@ -232,7 +233,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
     heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
     kd = ctx.task.posttrain.kd
-    eval_config = evaluation_config(ctx, student, labels, epochs)
+    eval_config = evaluation_config(ctx, student, labels, epochs, full)
     seconds = dict(manifest.get("seconds", {}))
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
     if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)

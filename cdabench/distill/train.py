@@ -193,7 +193,12 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
     with progress.track(description, recipe.epochs - first_epoch) as bar:
         for epoch in range(first_epoch, recipe.epochs):
             total_loss, seen = torch.zeros((), device=device), 0
-            for x_uint8, y, idx in data.batches(labels.epoch_order(epoch, len(data), rng), recipe.batch_size):
+            order = labels.epoch_order(epoch, len(data), rng)
+            if len(order) % recipe.batch_size == 1 and len(order) > 1:
+                # A last batch of one image breaks BatchNorm on 1x1 maps (ResNets at 8 px); the
+                # order is reshuffled every epoch, so dropping it excludes no image for good.
+                order = order[:-1]
+            for x_uint8, y, idx in data.batches(order, recipe.batch_size):
                 lr = lr_at(recipe, step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -1,0 +1,335 @@
+"""The `continual` suite: `cdabench run --suite continual`.
+
+A suite TOML with `kind = "continual"` (suites/continual.toml) declares the task, the step counts,
+the protocols (`retrain`, `sequential`), the strategies, the memory sources, the memory size (images
+per class) and the seeds. Every memory is distilled once (pipeline.distill into
+<out>/distilled/..., the same folders `cdabench run` uses for the cross-arch suite), every cell
+appends one record (records.py schema plus the continual fields), and a re-run skips every cell
+whose `cell_key` (everything its result depends on) is already recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cdabench import artifacts, progress, records
+from cdabench.config import ConfigError, _read_toml, build, load_method, load_task
+from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name
+from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, SequentialSettings, check_strategy,
+                                           memory_kind)
+
+PROTOCOLS = ("retrain", "sequential")
+KIND = "continual"
+
+
+@dataclass(frozen=True)
+class ContinualSuite:
+    name: str
+    kind: str = KIND
+    description: str = ""
+    task: str = "digits"
+    steps: tuple[int, ...] = (5,)
+    protocols: tuple[str, ...] = PROTOCOLS
+    strategies: tuple[str, ...] = STRATEGIES
+    memories: tuple[str, ...] = ("random", "herding", "cda", "sre2l")   # replay memories (and retrain's by default)
+    retrain_memories: tuple[str, ...] | None = None   # None: the same as memories
+    unmasked: tuple[str, ...] = ()        # retrain also runs the papers' unmasked variant for these memories
+    ipc: int | None = None                # images per class of every memory; None: the task's first IPC
+    seeds: tuple[int, ...] = (0,)         # seeds the class order, the memory selection and the training
+    student: str = "resnet18"
+    retrain_epochs: int | None = None     # None: the task's post-train epochs
+    sequential: SequentialSettings = field(default_factory=SequentialSettings)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class ContinualCell:
+    task: str
+    protocol: str
+    strategy: str
+    memory: str          # a memory source, "own-buffer" or "none"
+    ipc: int
+    steps: int
+    seed: int
+    masked: bool | None  # retrain: the teacher's unseen-class logits masked; sequential: None (no teacher)
+    student: str
+
+    @property
+    def name(self) -> str:
+        masked = "" if self.masked is None else ("/masked" if self.masked else "/unmasked")
+        return f"{self.protocol}/{self.strategy}/{self.memory}{masked}/ipc{self.ipc}/{self.steps}steps/seed{self.seed}"
+
+
+def is_continual_suite(name: str) -> bool:
+    """A suite is continual when its TOML says `kind = "continual"` (or it is named continual)."""
+    from cdabench.suite import SUITES_DIR
+    path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
+    if not path.is_file():
+        return False
+    return _read_toml(path).get("kind") == KIND or path.stem == KIND
+
+
+def load_continual_suite(name: str) -> ContinualSuite:
+    from cdabench.suite import SUITES_DIR, list_suites
+    path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown suite {name!r}: known suites are {', '.join(list_suites())}")
+    data = _read_toml(path)
+    data.setdefault("name", path.stem)
+    sequential = build(SequentialSettings, data.pop("sequential", {}), f"{path} [sequential]")
+    suite = build(ContinualSuite, data, str(path))
+    return dataclasses.replace(suite, sequential=sequential, path=str(path))
+
+
+def narrow(suite: ContinualSuite, task=None, ipcs=None, students=None, seeds=None, methods=None, steps=None,
+           strategies=None) -> ContinualSuite:
+    """The command line's overrides: --methods chooses the memory sources of both protocols (the
+    unmasked retrain runs stay for those still listed), --ipc and --students take one value each."""
+    changes: dict = {k: tuple(v) for k, v in
+                     {"seeds": seeds, "memories": methods, "steps": steps, "strategies": strategies}.items() if v}
+    if methods:
+        changes.update(retrain_memories=None, unmasked=tuple(m for m in suite.unmasked if m in methods))
+    for flag, values, key in (("--ipc", ipcs, "ipc"), ("--students", students, "student")):
+        if values:
+            if len(values) > 1:
+                raise ConfigError(f"{flag} takes one value for a continual suite (every memory has the same size)")
+            changes[key] = values[0]
+    if task:
+        changes["task"] = task
+    return dataclasses.replace(suite, **changes)
+
+
+def validate(suite: ContinualSuite) -> None:
+    """Names and numbers are checked before any work starts; errors list the valid choices."""
+    if suite.kind != KIND:
+        raise ConfigError(f"{suite.path or suite.name}: kind must be {KIND!r}, got {suite.kind!r}")
+    load_task(suite.task)
+    bad = [p for p in suite.protocols if p not in PROTOCOLS]
+    if bad or not suite.protocols:
+        raise ConfigError(f"unknown protocol(s) {', '.join(bad) or '(none given)'}: use {', '.join(PROTOCOLS)}")
+    if "sequential" in suite.protocols:
+        if not suite.strategies:
+            raise ConfigError(f"the sequential protocol needs strategies: {', '.join(STRATEGIES)}")
+        for strategy in suite.strategies:
+            check_strategy(strategy)
+    for memory in suite.memories + retrain_memories(suite):
+        check_memory_name(memory)
+    if "retrain" in suite.protocols and not retrain_memories(suite):
+        raise ConfigError("the retrain protocol needs at least one memory source (random, herding, cda, sre2l)")
+    if "sequential" in suite.protocols and "replay" in suite.strategies and not suite.memories:
+        raise ConfigError("strategy replay needs at least one memory source (memories = [random, herding, cda, sre2l])")
+    missing = [m for m in suite.unmasked if m not in retrain_memories(suite)]
+    if missing:
+        raise ConfigError(f"unmasked lists {', '.join(missing)}, which are not among the retrain memories "
+                          f"{', '.join(retrain_memories(suite))}")
+    if not suite.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in suite.steps):
+        raise ConfigError(f"steps must be positive whole numbers, got {list(suite.steps)}")
+    if suite.ipc is not None and (isinstance(suite.ipc, bool) or not isinstance(suite.ipc, int) or suite.ipc < 1):
+        raise ConfigError(f"ipc must be a positive number of images per class, got {suite.ipc!r}")
+    if suite.retrain_epochs is not None and suite.retrain_epochs < 1:
+        raise ConfigError(f"retrain_epochs must be positive, got {suite.retrain_epochs}")
+    if not suite.seeds:
+        raise ConfigError("seeds must list at least one seed")
+    import timm
+
+    from cdabench.models import MODELS
+    if suite.student not in MODELS and not timm.is_model(suite.student):
+        raise ConfigError(f"unknown student {suite.student!r}: use {', '.join(sorted(MODELS))} or a timm model name")
+
+
+def retrain_memories(suite: ContinualSuite) -> tuple[str, ...]:
+    return suite.memories if suite.retrain_memories is None else suite.retrain_memories
+
+
+def suite_ipc(suite: ContinualSuite, task) -> int:
+    return suite.ipc if suite.ipc is not None else task.ipcs[0]
+
+
+def expand(suite: ContinualSuite) -> list[ContinualCell]:
+    """The grid in run order: seed, steps, then retrain cells (masked, then unmasked), then
+    sequential cells (replay once per memory source; the other strategies once)."""
+    task = load_task(suite.task)
+    ipc = suite_ipc(suite, task)
+    cells = []
+    for seed in suite.seeds:
+        for steps in suite.steps:
+            def cell(protocol, strategy, memory, masked):
+                return ContinualCell(task.name, protocol, strategy, memory, ipc, steps, seed, masked, suite.student)
+            if "retrain" in suite.protocols:
+                cells += [cell("retrain", "retrain", m, True) for m in retrain_memories(suite)]
+                cells += [cell("retrain", "retrain", m, False) for m in retrain_memories(suite) if m in suite.unmasked]
+            if "sequential" in suite.protocols:
+                for strategy in suite.strategies:
+                    kind = memory_kind(strategy)
+                    memories = suite.memories if kind == "source" else (kind,)
+                    cells += [cell("sequential", strategy, m, None) for m in memories]
+    return cells
+
+
+def check_data(ctx, suite: ContinualSuite, ipc: int) -> None:
+    """Errors that need the dataset but no training: step counts that do not divide the classes,
+    a memory larger than the real data it must be drawn from."""
+    from cdabench.continual.scenario import split_steps
+    from cdabench.distill.context import check_ipc
+    for steps in suite.steps:
+        split_steps(list(range(ctx.num_classes)), steps, f"{ctx.data.spec.name} ({ctx.task.name})")
+    used = set(retrain_memories(suite) if "retrain" in suite.protocols else ())
+    if "sequential" in suite.protocols and "replay" in suite.strategies:
+        used |= set(suite.memories)
+    real = sorted(m for m in used if load_method(m).kind == "select")
+    own = [s for s in suite.strategies if s in OWN_BUFFER_STRATEGIES] if "sequential" in suite.protocols else []
+    if real or own:
+        check_ipc(ctx, ipc)
+
+
+def _eval_config(ctx, suite: ContinualSuite, cell: ContinualCell, mem_size: int) -> dict:
+    from cdabench.distill.pipeline import student_recipe
+    if cell.protocol == "retrain":
+        recipe = student_recipe(ctx, suite.student, suite.retrain_epochs)
+        return {"protocol": "retrain", "recipe": dataclasses.asdict(recipe),
+                "kd": dataclasses.asdict(ctx.task.posttrain.kd), "masked": cell.masked}
+    return {"protocol": "sequential", "strategy": cell.strategy, "settings": suite.sequential.to_dict(),
+            "mem_size": mem_size, "student": suite.student, "augmentation": None}
+
+
+def cell_key(cell: ContinualCell, dataset: str, scenario: dict, images_hash: str | None, eval_config: dict,
+             teacher_hash: str | None) -> str:
+    return artifacts.hash_config({"cell": dataclasses.asdict(cell), "dataset": dataset, "scenario": scenario,
+                                  "images": images_hash, "eval": eval_config, "teacher": teacher_hash})
+
+
+def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None, device: str = "auto",
+                  cache: str | None = None, command: str = "", stop_after: int | None = None) -> list[dict]:
+    """Run every unfinished cell; returns the suite's records (old and new)."""
+    from cdabench.continual.memory import load_memory
+    from cdabench.continual.scenario import scenario_for
+    from cdabench.distill.context import open_context
+    from cdabench.distill.pipeline import distill
+    from cdabench.distill.squeeze import get_teacher, teacher_key
+    from cdabench.suite import distill_key, distill_seed
+
+    validate(suite)
+    task = load_task(suite.task)
+    ipc = suite_ipc(suite, task)
+    ctx = open_context(task, data_root, device, cache)
+    check_data(ctx, suite, ipc)
+    cells = expand(suite)
+    out = Path(out)
+    records_path = out / "records.jsonl"
+    existing = records.read_records(records_path) if records_path.exists() else []
+    done = {r.get("cell_key"): r for r in existing}
+    dataset = ctx.data.fingerprint()
+    start = time.perf_counter()
+    state: dict = {"teacher": None, "scenarios": {}, "memories": {}}
+
+    def teacher():
+        if state["teacher"] is None:
+            state["teacher"] = get_teacher(ctx)
+        return state["teacher"]
+
+    def memory(name: str, seed: int):
+        dseed = distill_seed(name, seed)
+        if (name, dseed) not in state["memories"]:
+            config_hash = distill_key(ctx, name, teacher_key(ctx, 0))[:10]
+            folder = out / "distilled" / f"{name}-ipc{ipc}-seed{dseed}-{config_hash}"
+            distill(ctx, name, ipc, dseed, folder, command=command)
+            state["memories"][(name, dseed)] = load_memory(ctx, folder, ipc)
+        return state["memories"][(name, dseed)]
+
+    def scenario(steps: int, seed: int):
+        if (steps, seed) not in state["scenarios"]:
+            state["scenarios"][(steps, seed)] = scenario_for(ctx, steps, seed)
+        return state["scenarios"][(steps, seed)]
+
+    results, evaluated = [], 0
+    with progress.track(f"suite {suite.name}", len(cells)) as bar:
+        for cell in cells:
+            sc = scenario(cell.steps, cell.seed)
+            mem = memory(cell.memory, cell.seed) if cell.memory not in ("own-buffer", "none") else None
+            mem_size = ipc * ctx.num_classes if cell.memory == "own-buffer" else 0
+            eval_config = _eval_config(ctx, suite, cell, mem_size)
+            teacher_hash = teacher().hash if cell.protocol == "retrain" else None
+            composition = {k: v for k, v in sc.composition().items() if k != "step_class_names"}
+            key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash)
+            if key in done:
+                results.append(done[key])
+                bar.advance(1, cell.name)
+                continue
+            record = run_cell(ctx, suite, cell, sc, mem, mem_size, teacher() if cell.protocol == "retrain" else None,
+                              eval_config, command)
+            record.update({"suite": suite.name, "cell": cell.name, "cell_key": key})
+            record = records.append_record(records_path, record)
+            done[key] = record
+            results.append(record)
+            evaluated += 1
+            progress.log(f"{cell.name}: final top-1 {record['final_accuracy']:.2f}%, forgetting "
+                         f"{record['forgetting']:.2f}, BWT {record['bwt']:+.2f}")
+            bar.advance(1, cell.name)
+            if stop_after is not None and evaluated >= stop_after:
+                raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
+    progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
+    return results
+
+
+def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size: int, teacher, eval_config: dict,
+             command: str = "") -> dict:
+    """Run one cell and build its record (not yet written)."""
+    from cdabench.continual import metrics
+    from cdabench.continual.retrain import run_retrain
+    from cdabench.continual.sequential import run_sequential
+    from cdabench.distill.pipeline import student_recipe
+    from cdabench.models import create_model, describe_adaptation
+    from cdabench.runtime import device_description, versions
+
+    def make_model():
+        return create_model(suite.student, ctx.num_classes, ctx.shape[0], ctx.image_size)
+
+    normalizer = ctx.normalizer()
+    if cell.protocol == "retrain":
+        recipe = student_recipe(ctx, suite.student, suite.retrain_epochs)
+        outcome = run_retrain(sc, mem.bank, teacher.model, make_model, recipe, ctx.task.posttrain.kd, normalizer,
+                              ctx.device, cell.seed, ctx.image_size, masked=bool(cell.masked),
+                              description=f"retrain {mem.name}")
+        epochs, labels = recipe.epochs, "soft"
+        label_protocol = f"{ctx.task.posttrain.kd.mode}-kd-{'masked' if cell.masked else 'unmasked'}"
+        num_images, image_bytes, label_bytes = len(mem), mem.image_bytes, 0
+    else:
+        outcome = run_sequential(sc, cell.strategy, make_model, suite.sequential, normalizer, ctx.device, cell.seed,
+                                 ctx.cache, memory=mem.bank if mem else None, mem_size=mem_size,
+                                 description=f"{cell.strategy} ({cell.memory})")
+        epochs, labels, label_protocol = suite.sequential.epochs, "hard", "hard"
+        if mem is not None:
+            num_images, image_bytes = len(mem), mem.image_bytes
+        else:
+            num_images = mem_size
+            image_bytes = mem_size * ctx.shape[0] * ctx.image_size * ctx.image_size   # raw uint8 pixels
+        label_bytes = num_images * LABEL_BYTES_PER_IMAGE
+        if cell.strategy == "der":   # DER also stores the logits of every buffered image (float32)
+            label_bytes += num_images * ctx.num_classes * 4
+    result = metrics.summarise(outcome.top1, outcome.top5, sc.test_counts())
+    seconds = dict(mem.manifest.get("seconds", {})) if mem else {}
+    seconds.update({"continual": outcome.seconds, "evaluation": outcome.eval_seconds})
+    composition = sc.composition()
+    return {
+        "task": ctx.task.name, "dataset": ctx.data.spec.name, "method": cell.memory, "ipc": cell.ipc,
+        "student": suite.student, "labels": labels, "label_protocol": label_protocol, "seed": cell.seed,
+        "top1": result.final_accuracy, "top5": result.final_top5, "metric": "final seen-class accuracy",
+        "epochs": epochs, "num_images": num_images, "image_bytes": image_bytes, "label_bytes": label_bytes,
+        "teacher_forwards": outcome.teacher_forwards, "seconds": seconds, "device": device_description(ctx.device),
+        "versions": versions(),
+        "hashes": {"images": mem.images_hash if mem else None, "labels": None,
+                   "teacher": teacher.hash if teacher is not None else None,
+                   "eval_config": artifacts.hash_config(eval_config), "classes": artifacts.hash_config(ctx.classes),
+                   "scenario": artifacts.hash_config(composition)},
+        "continual": True, "protocol": cell.protocol, "strategy": cell.strategy, "memory": cell.memory,
+        "masked": cell.masked, "steps": cell.steps, "order_seed": composition["order_seed"],
+        "class_order": composition["class_order"], "step_classes": composition["steps"],
+        "test_images": composition["test_images"], "mem_size": num_images,
+        "image_bytes_kind": "stored files" if mem is not None else ("raw uint8 pixels" if num_images else "none"),
+        **result.to_record(), "step_details": outcome.steps,
+        "sequential": suite.sequential.to_dict() if cell.protocol == "sequential" else None,
+        "distilled_seed": mem.manifest.get("seed") if mem else None,
+        "adaptation": describe_adaptation(suite.student, ctx.image_size), "command": command,
+    }
