@@ -109,7 +109,3 @@ def describe_adaptation(name: str, image_size: int) -> str:
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled features before the classifier (timm's forward_head with pre_logits)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
-
-
-def num_classes_of(model: nn.Module) -> int:
-    return model.get_classifier().out_features
