@@ -108,7 +108,7 @@ def _memory_classes(av):
             self.buffer = avalanche_dataset(av, subset_by_classes(self.memory, self.classes), self.mean, self.std)
 
         def resize(self, strategy, new_size):
-            raise NotImplementedError("the memory holds a fixed number of images per class")
+            raise ValueError("this memory holds a fixed number of images per class; it cannot be resized")
 
     class SourceReplayPlugin(av.SupervisedPlugin):
         def __init__(self, buffer: SourceMemoryBuffer, batch_size_mem: int):
