@@ -48,10 +48,16 @@ def list_suites() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
 
 
-def load_suite(name: str) -> Suite:
+def suite_path(name: str) -> Path:
+    """suites/<name>.toml, or the path of a suite file; an unknown name lists the known suites."""
     path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown suite {name!r}: known suites are {', '.join(list_suites())}")
+    return path
+
+
+def load_suite(name: str) -> Suite:
+    path = suite_path(name)
     data = _read_toml(path)
     data.setdefault("name", path.stem)
     return dataclasses.replace(build(Suite, data, str(path)), path=str(path))

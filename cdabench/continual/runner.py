@@ -64,18 +64,17 @@ class ContinualCell:
 
 def is_continual_suite(name: str) -> bool:
     """A suite is continual when its TOML says `kind = "continual"` (or it is named continual)."""
-    from cdabench.suite import SUITES_DIR
-    path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
-    if not path.is_file():
+    from cdabench.suite import suite_path
+    try:
+        path = suite_path(name)
+    except ConfigError:
         return False
     return _read_toml(path).get("kind") == KIND or path.stem == KIND
 
 
 def load_continual_suite(name: str) -> ContinualSuite:
-    from cdabench.suite import SUITES_DIR, list_suites
-    path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise ConfigError(f"unknown suite {name!r}: known suites are {', '.join(list_suites())}")
+    from cdabench.suite import suite_path
+    path = suite_path(name)
     data = _read_toml(path)
     data.setdefault("name", path.stem)
     sequential = build(SequentialSettings, data.pop("sequential", {}), f"{path} [sequential]")
