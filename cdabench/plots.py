@@ -53,10 +53,12 @@ def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) ->
     full = [r["top1"] for r in rows if r["ipc"] is None and r["labels"] == "soft"]
     if full:
         ax.axhline(stats.mean(full), color="k", ls="--", lw=1, label="full data")
+    ax.set_xticks(sorted({i for m in by.values() for i in m}))
     ax.set_xlabel("images per class")
     ax.set_ylabel("top-1 % (all students and seeds)")
     ax.set_title(f"{task}: accuracy vs IPC (soft labels)")
     ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     _footer(fig, provenance)
     name = f"{task}-accuracy-vs-ipc.png"
     _save(fig, out / name)
@@ -101,6 +103,7 @@ def accuracy_vs_bytes(task: str, rows: list[dict], out: Path, provenance: dict) 
     ax.set_ylabel("top-1 % (all students and seeds)")
     ax.set_title(f"{task}: accuracy vs storage")
     ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     _footer(fig, provenance)
     name = f"{task}-accuracy-vs-bytes.png"
     _save(fig, out / name)
