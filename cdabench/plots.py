@@ -30,6 +30,16 @@ def _save(fig, path: Path) -> None:
     artifacts.atomic_write_bytes(path, buf.getvalue())
 
 
+def _finish_line_plot(fig, ax, title: str, legend_size: int, provenance: dict, out: Path, name: str) -> str:
+    ax.set_ylabel("top-1 % (all students and seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the provenance footer
+    _footer(fig, provenance)
+    _save(fig, out / name)
+    return name
+
+
 def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) -> str:
     """Panel-mean accuracy per method and IPC; random real images as a band (mean ± std over seeds)."""
     by = defaultdict(lambda: defaultdict(list))
@@ -55,14 +65,8 @@ def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) ->
         ax.axhline(stats.mean(full), color="k", ls="--", lw=1, label="full data")
     ax.set_xticks(sorted({i for m in by.values() for i in m}))
     ax.set_xlabel("images per class")
-    ax.set_ylabel("top-1 % (all students and seeds)")
-    ax.set_title(f"{task}: accuracy vs IPC (soft labels)")
-    ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, provenance)
-    name = f"{task}-accuracy-vs-ipc.png"
-    _save(fig, out / name)
-    return name
+    return _finish_line_plot(fig, ax, f"{task}: accuracy vs IPC (soft labels)", 8, provenance,
+                             out, f"{task}-accuracy-vs-ipc.png")
 
 
 def heatmap(task: str, summaries: list[report.Summary], out: Path, provenance: dict) -> str:
@@ -100,14 +104,8 @@ def accuracy_vs_bytes(task: str, rows: list[dict], out: Path, provenance: dict) 
                     label=f"{label} ({'full' if ipc is None else f'IPC {ipc}'})")
     ax.set_xscale("log")
     ax.set_xlabel("bytes of images + stored labels")
-    ax.set_ylabel("top-1 % (all students and seeds)")
-    ax.set_title(f"{task}: accuracy vs storage")
-    ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, provenance)
-    name = f"{task}-accuracy-vs-bytes.png"
-    _save(fig, out / name)
-    return name
+    return _finish_line_plot(fig, ax, f"{task}: accuracy vs storage", 7, provenance,
+                             out, f"{task}-accuracy-vs-bytes.png")
 
 
 def draw_task(task: str, rows: list[dict], summaries: list[report.Summary], out: Path, provenance: dict) -> list[str]:

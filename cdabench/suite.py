@@ -150,7 +150,8 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
                 config_hash = distill_key(ctx, cell.method, teacher_key(ctx, 0))[:10]
                 folder = out / "distilled" / f"{cell.method}-{'full' if cell.ipc is None else f'ipc{cell.ipc}'}" \
                     f"-seed{dseed}-{config_hash}"
-                distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command))
+                distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command,
+                                                           teacher=teacher))
             folder, manifest = distilled[set_key]
             key = cell_key(cell, manifest["images_hash"],
                            evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full"))),
@@ -158,7 +159,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             if key in done:
                 results.append(done[key])
             else:
-                record = evaluate(ctx, folder, cell.student, cell.labels, cell.seed, out, command=command,
+                record = evaluate(ctx, folder, cell.student, cell.labels, cell.seed, out, command=command, teacher=teacher,
                                   extra={"suite": suite.name, "cell": cell.name, "cell_key": key})
                 done[key] = record
                 results.append(record)

@@ -233,7 +233,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
         if (name, dseed) not in state["memories"]:
             config_hash = distill_key(ctx, name, teacher_key(ctx, 0))[:10]
             folder = out / "distilled" / f"{name}-ipc{ipc}-seed{dseed}-{config_hash}"
-            distill(ctx, name, ipc, dseed, folder, command=command)
+            distill(ctx, name, ipc, dseed, folder, command=command, teacher=teacher())
             state["memories"][(name, dseed)] = load_memory(ctx, folder, ipc)
         return state["memories"][(name, dseed)]
 

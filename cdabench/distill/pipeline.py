@@ -45,7 +45,10 @@ def _check_same_run(path: Path, config: dict) -> None:
 
 
 def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str | Path,
-            teacher_path: str | None = None, command: str = "", stop_after: int | None = None) -> dict:
+            teacher_path: str | None = None, command: str = "", stop_after: int | None = None,
+            teacher: Teacher | None = None) -> dict:
+    """`teacher`: one already loaded and guarded (a suite passes its own, so it is not reloaded
+    and re-checked for every set)."""
     method = load_method(method_name)
     out = Path(out)
     full = method.kind == "select" and method.strategy == "full"
@@ -56,7 +59,10 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
             check_ipc(ctx, ipc)
     synthetic = method.kind in ("recover", "noise")
     needs_teacher = synthetic or method.strategy == "herding"
-    teacher = get_teacher(ctx, teacher_path) if needs_teacher else None
+    if not needs_teacher:
+        teacher = None
+    elif teacher is None:
+        teacher = get_teacher(ctx, teacher_path)
     rconfig = recover_config(ctx.task, method) if synthetic else None
     folders = class_folders(ctx.classes)
     run_config = {"task": ctx.task.name, "dataset": ctx.data.fingerprint(), "method": method.name,
@@ -214,15 +220,19 @@ def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | Non
 
 def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int, out: str | Path,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
-             extra: dict | None = None) -> dict:
-    """Train a fresh `student` on the distilled set only; record the last epoch's test accuracy."""
+             extra: dict | None = None, teacher: Teacher | None = None) -> dict:
+    """Train a fresh `student` on the distilled set only; record the last epoch's test accuracy.
+    `teacher`: one already loaded and guarded (see `distill`)."""
     if labels not in ("soft", "hard"):
         raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
     check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
     bank, manifest = load_distilled(ctx, data_dir)
     full = bool(manifest.get("full"))
     recipe = student_recipe(ctx, student, epochs, full)
-    teacher = get_teacher(ctx, teacher_path) if labels == "soft" else None
+    if labels != "soft":
+        teacher = None
+    elif teacher is None:
+        teacher = get_teacher(ctx, teacher_path)
     relabel_start = time.perf_counter()
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
     relabel_seconds = time.perf_counter() - relabel_start
