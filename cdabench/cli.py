@@ -71,6 +71,9 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workers", default="auto",
+                   help="post-train cells at once: N processes of (threads / N) threads; auto = 2 on a CPU with "
+                        ">= 2 threads, 1 on CUDA (docs/suites.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +137,8 @@ def _run_or_check(args, command: str) -> int:
     if args.command == "check" and args.records:
         results = records.read_records(Path(args.records) / "records.jsonl")
     else:
-        results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command)
+        results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
+                            workers=_workers(args.workers, args.device))
     for summary in report.summarise(results):
         progress.console.print(report.rich_table(summary))
     if args.command == "run":
@@ -149,6 +153,17 @@ def _run_or_check(args, command: str) -> int:
     failed = sum(s.failed for s in statuses)
     print(f"{len(statuses) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _workers(value: str, device: str) -> int:
+    from cdabench.config import ConfigError
+    from cdabench.runtime import resolve_device
+    if value == "auto":
+        import torch
+        return 1 if resolve_device(device).type == "cuda" else min(2, torch.get_num_threads())
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"--workers must be auto or a positive number, got {value!r}")
+    return int(value)
 
 
 def _run_continual(args, command: str) -> int:

@@ -70,6 +70,7 @@ class TrainRecipe:
     warmup_start: float = 0.01
     schedule: str = "cosine"            # cosine (per step, to 0) | constant
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    patch_size: int | None = None       # ViTs only: the patch size (None: the registry's choice for the size)
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -85,11 +86,15 @@ class StudentOverride:
     """Per-student settings of the post-train protocol (tuned on the held-out split, never on test)."""
 
     epochs: int | None = None
+    full_epochs: int | None = None      # this student's epochs on the `full` baseline (over the task's)
+    full_batch_size: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
     warmup_epochs: int | None = None
+    augment: AugmentSpec | None = None
+    patch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,15 +121,24 @@ class PostTrain:
     # same number of optimiser steps instead (equal compute), when equal epochs over the whole real
     # set would dominate its budget; the record says which (docs/digits.md).
     full_epochs: int | None = None
+    full_batch_size: int | None = None  # the `full` baseline's batch (None: the recipe's)
 
     def recipe_for(self, student: str, full: bool = False) -> TrainRecipe:
         """The protocol for one student: the shared recipe with that student's overrides."""
         changes = {"model": student}
         override = self.students.get(student)
+        full_changes = {"epochs": self.full_epochs, "batch_size": self.full_batch_size}
         if override is not None:
-            changes.update({k: v for k, v in dataclasses.asdict(override).items() if v is not None})
-        if full and self.full_epochs is not None:
-            changes["epochs"] = self.full_epochs
+            for f in dataclasses.fields(override):
+                value = getattr(override, f.name)
+                if value is None:
+                    continue
+                if f.name.startswith("full_"):
+                    full_changes[f.name.removeprefix("full_")] = value
+                else:
+                    changes[f.name] = value
+        if full:
+            changes.update({k: v for k, v in full_changes.items() if v is not None})
         return dataclasses.replace(self.recipe, **changes)
 
 
@@ -174,6 +188,7 @@ class Method:
 
 _NESTED = {
     (TrainRecipe, "augment"): AugmentSpec,
+    (StudentOverride, "augment"): AugmentSpec,
     (RecoverConfig, "crop"): CropSchedule,
     (Task, "teacher"): TrainRecipe,
     (Task, "recover"): dict,

@@ -2,8 +2,12 @@
 
 Small-image adaptations are explicit and recorded (`describe_adaptation`):
 - ResNets at <= 64 px: 3x3 stride-1 `conv1` and no max-pool (the field's CIFAR/Tiny ResNet).
-- MobileNetV2 at <= 64 px: stride-1 `conv_stem`, so the last feature map is not 1x1 at 32 px.
-- DeiT: the patch size is chosen for an 8x8 token grid at small sizes (224 px keeps 16 -> 14x14).
+- MobileNetV2 at <= 64 px: stride-1 `conv_stem`, so the last feature map is not 1x1 at 32 px; below
+  32 px the first downsampling stages also keep stride 1 until the last map is 2x2 again (at 8 px
+  the stock strides leave every stage after the third at 1x1, and it learns far more slowly:
+  docs/digits.md).
+- DeiT: the patch size is chosen for an 8x8 token grid at small sizes (224 px keeps 16 -> 14x14);
+  a task may set another (`patch_size`, e.g. 4 at 8 px: a 2x2 grid, 8x cheaper than patch 1).
 Any other name is passed to timm as it is.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ SMALL_IMAGE_MAX = 64
 class ModelEntry:
     name: str
     timm_name: str
-    build: Callable[[str, int, int, int], nn.Module]
+    build: Callable[..., nn.Module]
     description: str
 
 
@@ -60,7 +64,21 @@ def _mobilenetv2(timm_name, num_classes, in_chans, image_size):
         old = model.conv_stem
         model.conv_stem = type(old)(in_chans, old.out_channels, old.kernel_size, stride=1,
                                     padding=old.padding, bias=False)
+        for stage in mobilenetv2_stride1_stages(image_size):
+            model.blocks[stage][0].conv_dw.stride = (1, 1)
     return model
+
+
+def mobilenetv2_stride1_stages(image_size: int) -> list[int]:
+    """Stages (after a stride-1 stem) whose first block loses its stride, earliest first, so the
+    last feature map stays at least 2x2 (the stock network downsamples 16x after the stem)."""
+    stages, side = [], image_size / 16
+    for stage in (1, 2, 3, 5):  # the stride-2 stages of MobileNetV2
+        if side >= 2:
+            break
+        stages.append(stage)
+        side *= 2
+    return stages
 
 
 def deit_patch_size(image_size: int) -> int:
@@ -71,9 +89,15 @@ def deit_patch_size(image_size: int) -> int:
 
 
 @register_model("deit_tiny", "deit_tiny_patch16_224", "timm DeiT-Tiny; patch = size/8 below 224 px")
-def _deit_tiny(timm_name, num_classes, in_chans, image_size):
+def _deit_tiny(timm_name, num_classes, in_chans, image_size, patch_size=None):
+    patch = patch_size or deit_patch_size(image_size)
+    if image_size % patch:
+        raise ValueError(f"patch_size {patch} does not divide the image size {image_size}: pick a divisor")
     return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                             img_size=image_size, patch_size=deit_patch_size(image_size))
+                             img_size=image_size, patch_size=patch)
+
+
+PATCH_MODELS = ("deit_tiny",)  # the entries that take `patch_size`
 
 
 def list_models() -> list[str]:
@@ -86,24 +110,36 @@ def check_model_name(name: str) -> None:
                          "(`python -c 'import timm; print(timm.list_models())'` lists them)")
 
 
-def create_model(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+def _check_patch(name: str, patch_size: int | None) -> None:
+    if patch_size is not None and name not in PATCH_MODELS:
+        raise ValueError(f"patch_size is set for {name!r}, which has no patches; only {', '.join(PATCH_MODELS)} take it")
+
+
+def create_model(name: str, num_classes: int, in_chans: int, image_size: int,
+                 patch_size: int | None = None) -> nn.Module:
     """A fresh, randomly initialised model (seed torch before calling for a reproducible init)."""
     check_model_name(name)
+    _check_patch(name, patch_size)
     entry = MODELS.get(name)
     if entry is not None:
+        if patch_size is not None:
+            return entry.build(entry.timm_name, num_classes, in_chans, image_size, patch_size=patch_size)
         return entry.build(entry.timm_name, num_classes, in_chans, image_size)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
-def describe_adaptation(name: str, image_size: int) -> str:
+def describe_adaptation(name: str, image_size: int, patch_size: int | None = None) -> str:
     entry = MODELS.get(name)
     if entry is None:
         return f"timm {name}, unmodified"
     if name == "deit_tiny":
-        return f"{entry.timm_name}, img_size {image_size}, patch {deit_patch_size(image_size)}"
+        return f"{entry.timm_name}, img_size {image_size}, patch {patch_size or deit_patch_size(image_size)}"
     if image_size > SMALL_IMAGE_MAX:
         return f"{entry.timm_name}, stock stem"
-    return f"{entry.timm_name}, " + ("stride-1 stem" if name == "mobilenetv2" else "3x3 stride-1 stem, no max-pool")
+    if name == "mobilenetv2":
+        stages = mobilenetv2_stride1_stages(image_size)
+        return f"{entry.timm_name}, stride-1 stem" + (f", stride-1 stages {stages}" if stages else "")
+    return f"{entry.timm_name}, 3x3 stride-1 stem, no max-pool"
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ seed, reused by every student) and every finished cell skipped on a re-run."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +125,12 @@ def cell_key(cell: Cell, images_hash: str, eval_config: dict, teacher_hash: str 
 
 
 def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str = "auto",
-              cache: str | None = None, command: str = "", stop_after: int | None = None) -> list[dict]:
-    """Run every unfinished cell; returns the suite's records (old and new). `stop_after` stops
-    after that many newly evaluated cells (tests of resuming)."""
+              cache: str | None = None, command: str = "", stop_after: int | None = None,
+              workers: int = 1) -> list[dict]:
+    """Run every unfinished cell; returns the suite's records (old and new). The shared stages
+    (teacher, every distilled set) run first in this process; then the post-train cells, here
+    or in `workers` single-thread processes (cdabench/cellpool.py). `stop_after` stops after
+    that many newly evaluated cells (tests of resuming)."""
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate, evaluation_config
     from cdabench.distill.squeeze import get_teacher, teacher_key
@@ -141,31 +145,58 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     done = {r.get("cell_key"): r for r in existing}
     start = time.perf_counter()
     teacher = get_teacher(ctx)
-    results, distilled, evaluated = [], {}, 0
+    distilled, plan = {}, []
+    for cell in cells:
+        dseed = distill_seed(cell.method, cell.seed)
+        set_key = (cell.method, cell.ipc, dseed)
+        if set_key not in distilled:
+            config_hash = distill_key(ctx, cell.method, teacher_key(ctx, 0))[:10]
+            folder = out / "distilled" / f"{cell.method}-{'full' if cell.ipc is None else f'ipc{cell.ipc}'}" \
+                f"-seed{dseed}-{config_hash}"
+            distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command,
+                                                       teacher=teacher))
+        folder, manifest = distilled[set_key]
+        key = cell_key(cell, manifest["images_hash"],
+                       evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full"))),
+                       teacher.hash)
+        plan.append((cell, folder, key))
+    jobs, steps = [], {}
+    for cell, folder, key in plan:
+        if key in done or key in steps:  # a repeated cell runs once
+            continue
+        manifest = distilled[(cell.method, cell.ipc, distill_seed(cell.method, cell.seed))][1]
+        recipe = evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full")))["recipe"]
+        images = len(ctx.split("fit")) if manifest.get("full") else len(manifest["files"])  # full: no copies
+        steps[key] = recipe["epochs"] * math.ceil(images / recipe["batch_size"])
+        jobs.append({"folder": str(folder), "student": cell.student, "labels": cell.labels, "seed": cell.seed,
+                     "command": command, "extra": {"suite": suite.name, "cell": cell.name, "cell_key": key}})
+    if stop_after is not None:
+        jobs = jobs[:stop_after]
     with progress.track(f"suite {suite.name}", len(cells)) as bar:
-        for cell in cells:
-            dseed = distill_seed(cell.method, cell.seed)
-            set_key = (cell.method, cell.ipc, dseed)
-            if set_key not in distilled:
-                config_hash = distill_key(ctx, cell.method, teacher_key(ctx, 0))[:10]
-                folder = out / "distilled" / f"{cell.method}-{'full' if cell.ipc is None else f'ipc{cell.ipc}'}" \
-                    f"-seed{dseed}-{config_hash}"
-                distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command,
-                                                           teacher=teacher))
-            folder, manifest = distilled[set_key]
-            key = cell_key(cell, manifest["images_hash"],
-                           evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full"))),
-                           teacher.hash)
-            if key in done:
-                results.append(done[key])
-            else:
-                record = evaluate(ctx, folder, cell.student, cell.labels, cell.seed, out, command=command, teacher=teacher,
-                                  extra={"suite": suite.name, "cell": cell.name, "cell_key": key})
-                done[key] = record
-                results.append(record)
-                evaluated += 1
-                if stop_after is not None and evaluated >= stop_after:
-                    raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
-            bar.advance(1, cell.name)
+        bar.advance(len(cells) - len(jobs), "already recorded")
+        if workers > 1 and len(jobs) > 1:
+            from cdabench.cellpool import evaluate_cells
+            threads = max(1, torch_threads() // workers)
+            # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
+            jobs = sorted(jobs, key=lambda job: -steps[job["extra"]["cell_key"]])
+            for job, record in evaluate_cells(jobs, workers, threads, task.path or suite.task, data_root, device,
+                                              cache, out / "cells"):
+                done[job["extra"]["cell_key"]] = records.append_record(records_path, record)
+                progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "
+                             f"({record['seconds']['posttrain']:.1f}s)")
+                bar.advance(1, job["extra"]["cell"])
+        else:
+            for job in jobs:
+                done[job["extra"]["cell_key"]] = evaluate(
+                    ctx, job["folder"], job["student"], job["labels"], job["seed"], out, command=command,
+                    teacher=teacher, extra=job["extra"])
+                bar.advance(1, job["extra"]["cell"])
+    if stop_after is not None and len(jobs) == stop_after and any(k not in done for _, _, k in plan):
+        raise KeyboardInterrupt(f"stopped after {stop_after} cell(s) as asked")
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
-    return results
+    return [done[key] for _, _, key in plan]
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()

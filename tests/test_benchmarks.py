@@ -59,3 +59,29 @@ def test_posttrain_step(benchmark):
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
     benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
+
+
+def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
+    """One whole cell of the smoke suite after its shared stages: post-train a ResNet-18 on an
+    IPC-10 random-real set with the smoke task's protocol (40 epochs, online KD) and score it.
+    The teacher is the test session's (the smoke suite's is trained once per cache and reused)."""
+    from cdabench.config import load_task
+    from cdabench.distill.context import open_context
+    from cdabench.distill.pipeline import distill, evaluate
+
+    task = load_task("digits-smoke")
+    ctx = open_context(task, None, "cpu", tmp_path / "cache")
+    # The session teacher was trained on the same digits split (same holdout fraction and seed).
+    assert (task.dataset, task.holdout_fraction, task.split_seed) == (
+        tiny_task.dataset, tiny_task.holdout_fraction, tiny_task.split_seed)
+    distill(ctx, "random", 10, 0, tmp_path / "random", teacher=tiny_teacher)
+    rounds = iter(range(100))
+
+    def cell():
+        return evaluate(ctx, tmp_path / "random", "resnet18", "soft", 0, tmp_path / f"records{next(rounds)}",
+                        teacher=tiny_teacher)
+
+    record = benchmark.pedantic(cell, rounds=3, iterations=1)
+    assert record["epochs"] == task.posttrain.recipe.epochs and record["num_images"] == 100
+    assert record["top1"] > 30.0  # learns: chance is 10 %
+    benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()

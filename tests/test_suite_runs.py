@@ -80,3 +80,24 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
     after = sorted(p.name for p in (out / "distilled").iterdir())
     assert len(after) == 3 and set(distilled) < set(after)
     assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+
+
+def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch):
+    """`--workers 2` evaluates cells in two spawned processes; each cell's record is the one the
+    single-process run writes (same keys, same accuracies: one thread either way in this suite),
+    and the parent alone writes records.jsonl (every cell exactly once, no scratch left)."""
+    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+    task = write_task(tmp_path)
+    one = run_suite(suite_for(task), tmp_path / "one", device="cpu", workers=1)
+    two = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
+    assert [r["cell"] for r in one] == [r["cell"] for r in two]        # grid order, whoever finished first
+    assert [(r["cell_key"], r["top1"], r["heldout_top1"]) for r in one] == \
+        [(r["cell_key"], r["top1"], r["heldout_top1"]) for r in two]
+    stored = records.read_records(tmp_path / "two" / "records.jsonl")
+    assert sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in two)
+    assert all(records.record_id(r) == r["record_hash"] for r in stored)
+    assert not (tmp_path / "two" / "cells").exists() or not any((tmp_path / "two" / "cells").iterdir())
+    # A re-run with workers finds everything recorded and starts no process.
+    again = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
+    assert [r["record_hash"] for r in again] == [r["record_hash"] for r in two]
+    assert len(records.read_records(tmp_path / "two" / "records.jsonl")) == len(stored)

@@ -237,7 +237,8 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
     relabel_seconds = time.perf_counter() - relabel_start
     torch.manual_seed(seed)
-    model = prepare_model(create_model(student, ctx.num_classes, ctx.shape[0], ctx.image_size), ctx.device)
+    model = prepare_model(create_model(student, ctx.num_classes, ctx.shape[0], ctx.image_size, recipe.patch_size),
+                          ctx.device)
     result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
                          description=f"post-train {student} ({manifest.get('method')}, {labels})")
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
@@ -261,7 +262,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
                    "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config),
                    "classes": artifacts.hash_config(ctx.classes)},
         "distilled_seed": manifest.get("seed"), "recipe": eval_config["recipe"], "kd": eval_config["kd"],
-        "adaptation": describe_adaptation(student, ctx.image_size), "final_loss": result.history[-1]["loss"],
+        "adaptation": describe_adaptation(student, ctx.image_size, recipe.patch_size), "final_loss": result.history[-1]["loss"],
         "command": command, **(extra or {}),
     }
     record = records.append_record(Path(out) / "records.jsonl", record)

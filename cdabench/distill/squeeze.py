@@ -37,7 +37,7 @@ def teacher_key(ctx: Context, seed: int) -> str:
 
 def _new_teacher(ctx: Context) -> nn.Module:
     recipe = ctx.task.teacher
-    return create_model(recipe.model, ctx.num_classes, ctx.shape[0], ctx.image_size)
+    return create_model(recipe.model, ctx.num_classes, ctx.shape[0], ctx.image_size, recipe.patch_size)
 
 
 def train_teacher(ctx: Context, seed: int = 0) -> Teacher:

@@ -1,0 +1,61 @@
+"""Post-train cells in worker processes: the CPU path of `cdabench run --workers N`.
+
+At the embedded default's sizes a post-train step is mostly per-operator overhead, which one
+thread serves no faster than two; so N single-thread processes evaluate N cells at once
+(docs/suites.md has the measurements). Each worker opens the task once and loads the suite's
+teacher from the cache (the parent trained it); a cell's result does not depend on which
+worker ran it, only on the number of threads (recorded). The parent alone writes records.jsonl."""
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+_STATE: dict = {}
+
+
+def _init_worker(task: str, data_root: str | None, device: str, cache: str | None, threads: int) -> None:
+    import torch
+
+    from cdabench import progress
+    from cdabench.config import load_task
+    from cdabench.distill.context import open_context
+    from cdabench.distill.squeeze import get_teacher
+
+    torch.set_num_threads(threads)
+    progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
+    ctx = open_context(load_task(task), data_root, device, cache)
+    _STATE.update(ctx=ctx, teacher=get_teacher(ctx))
+
+
+def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: str, command: str,
+                   extra: dict) -> dict:
+    from cdabench.distill.pipeline import evaluate
+    return evaluate(_STATE["ctx"], folder, student, labels, seed, scratch, command=command,
+                    teacher=_STATE["teacher"], extra=extra)
+
+
+def evaluate_cells(jobs: list[dict], workers: int, threads: int, task: str, data_root: str | None, device: str,
+                   cache: str | None, scratch_root: Path):
+    """Yield (job, record) as cells finish. `jobs`: keyword arguments of `_evaluate_cell` minus
+    `scratch`. Stops submitting when the caller stops iterating (the pool is shut down)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(task, data_root, device, cache, threads)) as pool:
+        queue, running = list(jobs), {}
+        try:
+            while queue or running:
+                while queue and len(running) < workers:
+                    job = queue.pop(0)
+                    scratch = scratch_root / job["extra"]["cell_key"]
+                    running[pool.submit(_evaluate_cell, scratch=str(scratch), **job)] = (job, scratch)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job, scratch = running.pop(future)
+                    record = future.result()
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    yield job, record
+        finally:
+            for future in running:
+                future.cancel()

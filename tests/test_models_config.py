@@ -1,0 +1,128 @@
+"""Per-student protocols and the model adaptations they name: TOML overrides resolve as declared
+(the shared recipe, a student's own settings, the `full` baseline's), the small-image strides and
+patches give the feature maps the docs promise, and the fused optimiser does the textbook update."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cdabench.config import ConfigError, TrainRecipe, load_task
+from cdabench.distill.train import make_optimizer
+from cdabench.models import create_model, describe_adaptation, mobilenetv2_stride1_stages
+
+TASK = """\
+dataset = "digits"
+image_size = 8
+holdout_fraction = 0.1
+
+[posttrain]
+full_epochs = 3
+full_batch_size = 50
+
+[posttrain.recipe]
+epochs = 30
+batch_size = 100
+optimizer = "adamw"
+lr = 0.01
+augment = { crop = "rrc", min_scale = 0.25, flip = true }
+
+[posttrain.students.resnet50]
+epochs = 12
+full_epochs = 4
+
+[posttrain.students.deit_tiny]
+patch_size = 4
+lr = 0.001
+full_batch_size = 25
+augment = { crop = "rrc", min_scale = 0.5, flip = false }
+"""
+
+
+@pytest.fixture
+def task(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(TASK)
+    return load_task(str(path))
+
+
+def test_shared_recipe_student_overrides_and_full(task):
+    pt = task.posttrain
+    r18, r18_full = pt.recipe_for("resnet18"), pt.recipe_for("resnet18", full=True)
+    assert (r18.model, r18.epochs, r18.batch_size, r18.lr, r18.patch_size) == ("resnet18", 30, 100, 0.01, None)
+    assert (r18_full.epochs, r18_full.batch_size) == (3, 50)              # the task's full settings
+    r50, r50_full = pt.recipe_for("resnet50"), pt.recipe_for("resnet50", full=True)
+    assert (r50.epochs, r50.batch_size) == (12, 100)
+    assert (r50_full.epochs, r50_full.batch_size) == (4, 50)              # the student's full_epochs wins
+    deit, deit_full = pt.recipe_for("deit_tiny"), pt.recipe_for("deit_tiny", full=True)
+    assert (deit.epochs, deit.lr, deit.patch_size, deit.augment.min_scale, deit.augment.flip) == (30, 0.001, 4, 0.5, False)
+    assert (deit_full.epochs, deit_full.batch_size, deit_full.lr) == (3, 25, 0.001)
+    # An override never leaks into the shared recipe or another student.
+    assert pt.recipe.augment.min_scale == 0.25 and pt.recipe_for("mobilenetv2").augment.flip
+
+
+def test_unknown_student_setting_is_refused(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(TASK + "\n[posttrain.students.mobilenetv2]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"posttrain\.students\.mobilenetv2: unknown key\(s\) learning_rate; known keys: .*lr"):
+        load_task(str(path))
+
+
+def test_the_embedded_default_sets_every_panel_student():
+    """Every student of the cross-arch panel has its own held-out-tuned settings on digits."""
+    pt = load_task("digits").posttrain
+    assert {"resnet50", "mobilenetv2", "deit_tiny"} <= set(pt.students)
+    assert pt.recipe_for("deit_tiny").patch_size == 4
+
+
+@pytest.mark.parametrize("size, stages, side", [(8, [1, 2], 2), (16, [1], 2), (32, [], 2), (64, [], 4)])
+def test_mobilenetv2_keeps_a_2x2_last_map(size, stages, side):
+    assert mobilenetv2_stride1_stages(size) == stages
+    model = create_model("mobilenetv2", 10, 1, size).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(1, 1, size, size)).shape[-2:] == (side, side)
+    assert describe_adaptation("mobilenetv2", size).endswith(f"stride-1 stages {stages}" if stages else "stride-1 stem")
+
+
+def test_deit_patch_size():
+    assert create_model("deit_tiny", 10, 1, 8).patch_embed.grid_size == (8, 8)           # the registry's default
+    assert create_model("deit_tiny", 10, 1, 8, patch_size=4).patch_embed.grid_size == (2, 2)
+    assert describe_adaptation("deit_tiny", 8, 4) == "deit_tiny_patch16_224, img_size 8, patch 4"
+    with pytest.raises(ValueError, match="does not divide the image size 8"):
+        create_model("deit_tiny", 10, 1, 8, patch_size=3)
+    with pytest.raises(ValueError, match="no patches; only deit_tiny"):
+        create_model("resnet18", 10, 1, 8, patch_size=4)
+
+
+def test_fused_adamw_step_equals_the_formula():
+    """First AdamW step: m = (1-b1) g, v = (1-b2) g^2, bias-corrected to g and g^2, so
+    p <- p (1 - lr wd) - lr g / (|g| + eps); decay only on matrices (decay_matrices_only)."""
+    lin = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        lin.bias.fill_(0.5)
+    recipe = TrainRecipe(optimizer="adamw", lr=0.1, weight_decay=0.2, decay_matrices_only=True)
+    opt = make_optimizer(lin, recipe)
+    lin.weight.grad = torch.tensor([[0.3, -0.04]])
+    lin.bias.grad = torch.tensor([2.0])
+    opt.step()
+    eps = 1e-8
+    want_w = [1.0 * (1 - 0.1 * 0.2) - 0.1 * 0.3 / (0.3 + eps), -2.0 * (1 - 0.1 * 0.2) + 0.1 * 0.04 / (0.04 + eps)]
+    assert lin.weight.detach().view(-1).tolist() == pytest.approx(want_w, abs=1e-6)
+    assert lin.bias.item() == pytest.approx(0.5 - 0.1 * 1.0, abs=1e-6)   # no decay on the bias
+    assert math.isclose(opt.param_groups[1]["weight_decay"], 0.0)
+
+
+def test_fused_sgd_step_equals_the_formula():
+    """SGD with momentum, first step: buf = g + wd p, p <- p - lr buf."""
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+    opt = make_optimizer(lin, TrainRecipe(optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=0.1))
+    lin.weight.grad = torch.tensor([[1.0]])
+    opt.step()
+    assert lin.weight.item() == pytest.approx(2.0 - 0.5 * (1.0 + 0.1 * 2.0))
+    lin.weight.grad = torch.tensor([[1.0]])
+    opt.step()  # buf = 0.9 * 1.2 + (1 + 0.1 * 1.4) = 2.22
+    assert lin.weight.item() == pytest.approx(1.4 - 0.5 * 2.22)
