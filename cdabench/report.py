@@ -43,7 +43,7 @@ class Row:
 
     def student_std(self, student: str) -> float | None:
         seeds = self.by_student.get(student)
-        return stats.std(list(seeds.values())) if seeds else None
+        return stats.std(list(seeds.values())) if seeds and len(seeds) > 1 else None  # no spread from one seed
 
     def panel_by_seed(self, students: list[str]) -> dict[int, float]:
         """Per seed, the mean over the students that have that seed (all of them, in a full grid)."""
@@ -100,7 +100,7 @@ def summarise(records: list[dict]) -> list[Summary]:
 def fmt(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return "–"
-    return f"{mean:.1f}" if not std else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
 def rich_table(summary: Summary) -> Table:

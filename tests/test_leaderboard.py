@@ -128,3 +128,11 @@ def test_records_of_another_schema_version_are_refused(tmp_path):
     runs = write_records(tmp_path / "old", [old])
     with pytest.raises(records.RecordError, match="schema_version 0 is not the supported 1"):
         generate([runs], tmp_path / "out")
+
+
+def test_spread_is_shown_whenever_there_are_two_seeds():
+    """Two seeds that agree exactly show '± 0.0'; one seed shows no spread at all."""
+    from cdabench import report
+    assert report.fmt(88.1, 0.0) == "88.1 ± 0.0"
+    assert report.fmt(88.1, None) == "88.1"
+    assert report.fmt(None) == "–"
