@@ -16,7 +16,12 @@ _STATE: dict = {}
 
 
 def _init_worker(task: str, data_root: str | None, device: str, cache: str | None, threads: int) -> None:
+    import signal
+
     import torch
+
+    # Ctrl-C reaches the whole process group: only the parent acts on it (and stops the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from cdabench import progress
     from cdabench.config import load_task
@@ -41,21 +46,29 @@ def evaluate_cells(jobs: list[dict], workers: int, threads: int, task: str, data
     """Yield (job, record) as cells finish. `jobs`: keyword arguments of `_evaluate_cell` minus
     `scratch`. Stops submitting when the caller stops iterating (the pool is shut down)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(task, data_root, device, cache, threads)) as pool:
-        queue, running = list(jobs), {}
-        try:
-            while queue or running:
-                while queue and len(running) < workers:
-                    job = queue.pop(0)
-                    scratch = scratch_root / job["extra"]["cell_key"]
-                    running[pool.submit(_evaluate_cell, scratch=str(scratch), **job)] = (job, scratch)
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    job, scratch = running.pop(future)
-                    record = future.result()
-                    shutil.rmtree(scratch, ignore_errors=True)
-                    yield job, record
-        finally:
-            for future in running:
-                future.cancel()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(task, data_root, device, cache, threads))
+    queue, running, clean = list(jobs), {}, False
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                job = queue.pop(0)
+                scratch = scratch_root / job["extra"]["cell_key"]
+                running[pool.submit(_evaluate_cell, scratch=str(scratch), **job)] = (job, scratch)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, scratch = running.pop(future)
+                record = future.result()
+                shutil.rmtree(scratch, ignore_errors=True)
+                yield job, record
+        clean = True
+    finally:
+        if clean:
+            pool.shutdown(wait=True)
+        else:
+            # Interrupted, a cell failed, or the caller stopped early: do not wait minutes for the
+            # running cells; they were not recorded and run again next time. (The executor has no
+            # public way to stop a busy worker, hence its process table.)
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)

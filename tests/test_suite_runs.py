@@ -101,3 +101,46 @@ def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch):
     again = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
     assert [r["record_hash"] for r in again] == [r["record_hash"] for r in two]
     assert len(records.read_records(tmp_path / "two" / "records.jsonl")) == len(stored)
+
+
+def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while worker processes
+    evaluate cells: the run exits without waiting for them, leaves no process behind, keeps every
+    finished record, and the next run finishes the rest with each cell recorded once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    task = write_task(tmp_path, epochs=40)
+    suite_file = tmp_path / "tiny-suite.toml"
+    suite_file.write_text(f'task = "{task}"\nmethods = ["random"]\nstudents = ["resnet18"]\n'
+                          'hard_label_methods = ["random"]\nseeds = [0, 1, 2]\n')
+    out, env = tmp_path / "run", dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    argv = [sys.executable, "-m", "cdabench.cli", "run", "--suite", str(suite_file), "--out", str(out),
+            "--device", "cpu", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records_path = out / "records.jsonl"
+    deadline = time.monotonic() + 300
+    while not (records_path.exists() and records_path.read_text().strip()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        code = proc.wait(timeout=60)  # a hang here is the bug this test guards against
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert code != 0
+    time.sleep(1)
+    group = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    alive = [line for line in group.splitlines() if line.split()[1][0] != "Z"]  # zombies are dead, awaiting reaping
+    assert alive == [], group  # no worker left running
+    kept = records.read_records(records_path)
+    assert 1 <= len(kept) < 6
+    from cdabench.suite import load_suite
+    results = run_suite(load_suite(str(suite_file)), out, device="cpu", workers=1)
+    stored = records.read_records(records_path)
+    assert len(results) == 6 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in results)
+    assert {r["record_hash"] for r in kept} <= {r["record_hash"] for r in results}   # finished cells kept as they were
