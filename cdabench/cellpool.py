@@ -35,7 +35,8 @@ def _init_worker(task: str, data_root: str | None, device: str, cache: str | Non
 
 
 def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: str, command: str,
-                   extra: dict) -> dict:
+                   extra: dict, steps: int = 0) -> dict:
+    """One cell in this worker (`steps`: the parent's estimate, used for ordering only)."""
     from cdabench.distill.pipeline import evaluate
     return evaluate(_STATE["ctx"], folder, student, labels, seed, scratch, command=command,
                     teacher=_STATE["teacher"], extra=extra)

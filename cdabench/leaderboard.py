@@ -119,7 +119,7 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
         for p in published:
             measured = by_cell.get((p["dataset"], p["ipc"], p["method"], p["student"]), [])
             pub_rows.append([str(p["ipc"]), p["method"], p["student"], f"{p['top1']:.1f}",
-                             report.fmt(stats.mean(measured), stats.std(measured) if len(measured) > 1 else None) if measured else "–",
+                             report.fmt(stats.mean(measured), report.spread(measured)) if measured else "–",
                              published_status(measured, p["top1"]), p["source"]])
         lines += _md_table(["IPC", "method", "student", "published", "ours", "status", "source"], pub_rows) + [""]
     if figures:

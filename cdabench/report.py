@@ -43,7 +43,7 @@ class Row:
 
     def student_std(self, student: str) -> float | None:
         seeds = self.by_student.get(student)
-        return stats.std(list(seeds.values())) if seeds and len(seeds) > 1 else None  # no spread from one seed
+        return spread(list(seeds.values())) if seeds else None
 
     def panel_by_seed(self, students: list[str]) -> dict[int, float]:
         """Per seed, the mean over the students that have that seed (all of them, in a full grid)."""
@@ -95,6 +95,11 @@ def summarise(records: list[dict]) -> list[Summary]:
         tau_mean, pairs = stats.mean_pairwise_tau(rankings) if len(soft) > 1 and len(rankings) > 1 else (math.nan, {})
         summaries.append(Summary(task, ipc, students, ordered, tau_mean, pairs))
     return summaries
+
+
+def spread(values: list[float]) -> float | None:
+    """The sample std over seeds; None from a single seed (no spread to show, not a spread of 0)."""
+    return stats.std(values) if len(values) > 1 else None
 
 
 def fmt(mean: float | None, std: float | None = None) -> str:

@@ -156,29 +156,30 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command,
                                                        teacher=teacher))
         folder, manifest = distilled[set_key]
-        key = cell_key(cell, manifest["images_hash"],
-                       evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full"))),
-                       teacher.hash)
-        plan.append((cell, folder, key))
-    jobs, steps = [], {}
-    for cell, folder, key in plan:
-        if key in done or key in steps:  # a repeated cell runs once
+        full = bool(manifest.get("full"))
+        eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full)
+        key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash)
+        images = len(ctx.fit) if full else len(manifest["files"])  # full: the fit split, no copies
+        steps = eval_config["recipe"]["epochs"] * math.ceil(images / eval_config["recipe"]["batch_size"])
+        plan.append((cell, folder, key, steps))
+    jobs, queued = [], set()
+    for cell, folder, key, steps in plan:
+        if key in done or key in queued:  # a repeated cell runs once
             continue
-        manifest = distilled[(cell.method, cell.ipc, distill_seed(cell.method, cell.seed))][1]
-        recipe = evaluation_config(ctx, cell.student, cell.labels, full=bool(manifest.get("full")))["recipe"]
-        images = len(ctx.split("fit")) if manifest.get("full") else len(manifest["files"])  # full: no copies
-        steps[key] = recipe["epochs"] * math.ceil(images / recipe["batch_size"])
+        queued.add(key)
         jobs.append({"folder": str(folder), "student": cell.student, "labels": cell.labels, "seed": cell.seed,
-                     "command": command, "extra": {"suite": suite.name, "cell": cell.name, "cell_key": key}})
+                     "command": command, "extra": {"suite": suite.name, "cell": cell.name, "cell_key": key},
+                     "steps": steps})
     if stop_after is not None:
         jobs = jobs[:stop_after]
     with progress.track(f"suite {suite.name}", len(cells)) as bar:
         bar.advance(len(cells) - len(jobs), "already recorded")
         if workers > 1 and len(jobs) > 1:
             from cdabench.cellpool import evaluate_cells
-            threads = max(1, torch_threads() // workers)
+            import torch
+            threads = max(1, torch.get_num_threads() // workers)
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
-            jobs = sorted(jobs, key=lambda job: -steps[job["extra"]["cell_key"]])
+            jobs = sorted(jobs, key=lambda job: -job["steps"])
             for job, record in evaluate_cells(jobs, workers, threads, task.path or suite.task, data_root, device,
                                               cache, out / "cells"):
                 done[job["extra"]["cell_key"]] = records.append_record(records_path, record)
@@ -191,12 +192,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
                     ctx, job["folder"], job["student"], job["labels"], job["seed"], out, command=command,
                     teacher=teacher, extra=job["extra"])
                 bar.advance(1, job["extra"]["cell"])
-    if stop_after is not None and len(jobs) == stop_after and any(k not in done for _, _, k in plan):
+    if stop_after is not None and len(jobs) == stop_after and any(p[2] not in done for p in plan):
         raise KeyboardInterrupt(f"stopped after {stop_after} cell(s) as asked")
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
-    return [done[key] for _, _, key in plan]
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
+    return [done[p[2]] for p in plan]

@@ -11,7 +11,6 @@ the accuracy an old experience loses to the interference of newer classes.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -67,11 +66,8 @@ def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, 
             torch.manual_seed(seed)
             model = make_model().to(device)
         labels = kd_source(recipe, kd, image_size, teacher, normalizer, scenario.num_classes, seen, masked)
-        step_recipe = recipe
-        if len(bank) % recipe.batch_size == 1 and len(bank) > 1:
-            # a last mini-batch of one image breaks BatchNorm on 1x1 feature maps: one more per batch
-            step_recipe = dataclasses.replace(recipe, batch_size=recipe.batch_size + 1)
-        result = train_model(model, bank, labels, step_recipe, normalizer, device, seed, image_size,
+        # (train_model drops a last mini-batch of one image, which would break BatchNorm at 1x1.)
+        result = train_model(model, bank, labels, recipe, normalizer, device, seed, image_size,
                              description=f"{description} step {step + 1}/{scenario.num_steps}")
         start = time.perf_counter()
         top1, top5 = evaluate_experiences(model, scenario, normalizer, device)
@@ -81,6 +77,6 @@ def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, 
         outcome.seconds += result.seconds
         outcome.teacher_forwards += result.teacher_forwards
         outcome.steps.append({"step": step, "images": len(bank), "classes": len(seen),
-                              "batch_size": step_recipe.batch_size,
+                              "batch_size": recipe.batch_size,
                               "final_loss": result.history[-1]["loss"] if result.history else None})
     return outcome

@@ -279,11 +279,12 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
     from cdabench.continual.retrain import run_retrain
     from cdabench.continual.sequential import run_sequential
     from cdabench.distill.pipeline import student_recipe
-    from cdabench.models import create_model, describe_adaptation
     from cdabench.runtime import device_description, versions
 
+    architecture = student_recipe(ctx, suite.student)  # the task's settings for this student (its patch size)
+
     def make_model():
-        return create_model(suite.student, ctx.num_classes, ctx.shape[0], ctx.image_size)
+        return ctx.new_model(architecture)
 
     normalizer = ctx.normalizer()
     if cell.protocol == "retrain":
@@ -330,5 +331,5 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
         **result.to_record(), "step_details": outcome.steps,
         "sequential": suite.sequential.to_dict() if cell.protocol == "sequential" else None,
         "distilled_seed": mem.manifest.get("seed") if mem else None,
-        "adaptation": describe_adaptation(suite.student, ctx.image_size), "command": command,
+        "adaptation": ctx.adaptation(architecture), "command": command,
     }

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from cdabench.config import Task
+from cdabench.config import Task, TrainRecipe
 from cdabench.data import DataError, ImageSplit, RealData, create_dataset, stratified_holdout
 from cdabench.distill.train import ImageBank, Normalizer, StreamedImages
+from cdabench.models import create_model, describe_adaptation
 from cdabench.runtime import ProcessGroup, init_process_group, resolve_device
 
 IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held as one tensor; larger sets stream from disk
@@ -68,6 +69,15 @@ class Context:
     @property
     def std(self):
         return self.data.spec.std
+
+    def new_model(self, recipe: TrainRecipe) -> torch.nn.Module:
+        """A fresh model of `recipe.model` for this task's classes, channels and size (with the
+        recipe's patch size); seed torch before calling for a reproducible init."""
+        return create_model(recipe.model, self.num_classes, self.shape[0], self.image_size, recipe.patch_size)
+
+    def adaptation(self, recipe: TrainRecipe) -> str:
+        """How `new_model(recipe)` departs from the stock architecture (recorded with results)."""
+        return describe_adaptation(recipe.model, self.image_size, recipe.patch_size)
 
     def normalizer(self) -> Normalizer:
         return Normalizer(self.mean, self.std, self.device)

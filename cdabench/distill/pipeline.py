@@ -20,7 +20,7 @@ from cdabench.distill.recover import image_relpath, run_recover
 from cdabench.distill.select import select_herding, select_random
 from cdabench.distill.squeeze import Teacher, get_teacher
 from cdabench.distill.train import ImageBank, evaluate_model, train_model
-from cdabench.models import check_model_name, create_model, describe_adaptation
+from cdabench.models import check_model_name
 from cdabench.runtime import device_description, prepare_model, versions
 
 MANIFEST = "manifest.json"
@@ -237,8 +237,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
     relabel_seconds = time.perf_counter() - relabel_start
     torch.manual_seed(seed)
-    model = prepare_model(create_model(student, ctx.num_classes, ctx.shape[0], ctx.image_size, recipe.patch_size),
-                          ctx.device)
+    model = prepare_model(ctx.new_model(recipe), ctx.device)
     result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
                          description=f"post-train {student} ({manifest.get('method')}, {labels})")
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
@@ -262,7 +261,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
                    "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config),
                    "classes": artifacts.hash_config(ctx.classes)},
         "distilled_seed": manifest.get("seed"), "recipe": eval_config["recipe"], "kd": eval_config["kd"],
-        "adaptation": describe_adaptation(student, ctx.image_size, recipe.patch_size), "final_loss": result.history[-1]["loss"],
+        "adaptation": ctx.adaptation(recipe), "final_loss": result.history[-1]["loss"],
         "command": command, **(extra or {}),
     }
     record = records.append_record(Path(out) / "records.jsonl", record)

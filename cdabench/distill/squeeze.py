@@ -17,7 +17,6 @@ from cdabench.data import DataError
 from cdabench.distill.context import Context
 from cdabench.distill.labels import HardLabels
 from cdabench.distill.train import ImageBank, evaluate_model, train_model
-from cdabench.models import create_model
 from cdabench.runtime import prepare_model, seed_everything
 
 
@@ -36,8 +35,7 @@ def teacher_key(ctx: Context, seed: int) -> str:
 
 
 def _new_teacher(ctx: Context) -> nn.Module:
-    recipe = ctx.task.teacher
-    return create_model(recipe.model, ctx.num_classes, ctx.shape[0], ctx.image_size, recipe.patch_size)
+    return ctx.new_model(ctx.task.teacher)
 
 
 def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
