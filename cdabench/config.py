@@ -153,12 +153,17 @@ class Task:
     holdout_per_class: int | None = None
     split_seed: int = 0
     probe_per_class: int = 10           # held-out images per class for the class-order guard
+    # fp32 | bf16: autocast of every forward pass (teacher training, recover, relabel, post-train,
+    # evaluation). fp32 is what the papers' numbers came from; `--precision` overrides it.
+    precision: str = "fp32"
     teacher: TrainRecipe = field(default_factory=TrainRecipe)
     recover: dict[str, RecoverConfig] = field(default_factory=dict)
     posttrain: PostTrain = field(default_factory=PostTrain)
     path: str = ""
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if (self.holdout_fraction is None) == (self.holdout_per_class is None):
             raise ValueError("set exactly one of holdout_fraction / holdout_per_class")
 
@@ -261,4 +266,8 @@ def recover_config(task: Task, method: Method) -> RecoverConfig:
         raise ConfigError(f"task {task.name} has no [recover.{method.name}] settings; "
                           f"it declares: {', '.join(sorted(task.recover)) or 'none'}")
     config = task.recover[method.name]
-    return config if config.crop is not None else dataclasses.replace(config, crop=method.crop)
+    if config.crop is None:
+        config = dataclasses.replace(config, crop=method.crop)
+    if config.precision is None:
+        config = dataclasses.replace(config, precision=task.precision)
+    return config

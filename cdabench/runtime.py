@@ -25,11 +25,35 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (every training GPU has bf16; no loss scaler needed); fp32 on CPU,
-    where bf16 changing the results has not been measured (shared/notes/machine-performance.md)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 arithmetic: CUDA devices of compute capability >= 8 (Ampere on), CPUs with
+    AVX-512 BF16 / AMX (what oneDNN reports). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """`precision` if this device runs it natively; a clear error otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"--precision bf16 was asked for, but {device_description(device)} has no native bf16 "
+                         "(CUDA compute capability >= 8, or a CPU with AVX-512 BF16 / AMX): use --precision fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16 autocast of the forward pass when `precision` is "bf16" (CUDA or CPU; no loss scaler
+    is needed for bf16); "fp32" is plain fp32, the papers' precision. Losses and BN statistics are
+    computed in fp32 by their callers either way."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

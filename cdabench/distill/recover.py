@@ -37,7 +37,7 @@ class RecoverConfig:
     flip: bool = True
     crop: CropSchedule | None = None   # None: the method's own schedule (config.recover_config)
     image_format: str = "png"        # "jpeg75" reproduces the official output
-    amp: bool = False                # bf16 autocast of the teacher forward on CUDA; off = faithful fp32
+    precision: str | None = None     # "fp32" | "bf16" (teacher forward under bf16 autocast); None: the task's
     clamp_to: str = "normalised"     # "normalised": per-channel image of [0,1]; "unit": [0,1] (ImageNet-21K-P)
 
     def to_dict(self) -> dict:
@@ -137,7 +137,7 @@ def recover_batch(teacher: nn.Module, labels: list[int], config: RecoverConfig, 
                 low_j = -config.jitter if config.jitter_symmetric else 0
                 dy, dx = (int(v) for v in rng.integers(low_j, config.jitter + 1, size=2))
                 view = torch.roll(view, shifts=(dy, dx), dims=(2, 3))
-            with autocast(device, config.amp):
+            with autocast(device, config.precision or "fp32"):
                 logits = teacher(view)
             loss_ce = ce(logits.float(), y)
             loss_bn = bn_loss.value()
