@@ -15,7 +15,8 @@ from pathlib import Path
 _STATE: dict = {}
 
 
-def _init_worker(task: str, data_root: str | None, device: str, cache: str | None, threads: int) -> None:
+def _init_worker(task: str, data_root: str | None, device: str, cache: str | None, threads: int,
+                 precision: str) -> None:
     import signal
 
     import torch
@@ -30,7 +31,7 @@ def _init_worker(task: str, data_root: str | None, device: str, cache: str | Non
 
     torch.set_num_threads(threads)
     progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
-    ctx = open_context(load_task(task), data_root, device, cache)
+    ctx = open_context(load_task(task), data_root, device, cache, precision)
     _STATE.update(ctx=ctx, teacher=get_teacher(ctx))
 
 
@@ -43,12 +44,12 @@ def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: s
 
 
 def evaluate_cells(jobs: list[dict], workers: int, threads: int, task: str, data_root: str | None, device: str,
-                   cache: str | None, scratch_root: Path):
+                   cache: str | None, scratch_root: Path, precision: str = "fp32"):
     """Yield (job, record) as cells finish. `jobs`: keyword arguments of `_evaluate_cell` minus
     `scratch`. Stops submitting when the caller stops iterating (the pool is shut down)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(task, data_root, device, cache, threads))
+                               initargs=(task, data_root, device, cache, threads, precision))
     queue, running, clean = list(jobs), {}, False
     try:
         while queue or running:

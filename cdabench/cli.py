@@ -12,6 +12,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="digits", help="task name (tasks/<name>.toml) or path of a task .toml")
     p.add_argument("--data-root", default=None, help="local root of the dataset in its official layout")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="autocast of every forward pass (default: the task's; fp32 on the papers' tasks); "
+                        "recorded in every record")
     p.add_argument("--cache-dir", default=None, help="teachers and label stores (default $CDABENCH_CACHE or ~/.cache/cdabench)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint (state dict) instead of training one")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -69,6 +72,9 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
                    help="continual suites: the sequential strategies (naive replay gdumb lwf ewc der er_ace)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="autocast of every forward pass (default: the task's; fp32 on the papers' tasks); "
+                        "recorded in every record")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--workers", default="auto",
@@ -112,7 +118,7 @@ def _dispatch(args, command: str) -> int:
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate
     task = config.load_task(args.task)
-    ctx = open_context(task, args.data_root, args.device, args.cache_dir)
+    ctx = open_context(task, args.data_root, args.device, args.cache_dir, args.precision)
     if args.command == "distill":
         ipc = args.ipc if args.ipc is not None else task.ipcs[0]
         distill(ctx, args.method, ipc, args.seed, args.out, args.teacher, command)
@@ -138,7 +144,7 @@ def _run_or_check(args, command: str) -> int:
         results = records.read_records(Path(args.records) / "records.jsonl")
     else:
         results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
-                            workers=_workers(args.workers, args.device))
+                            workers=_workers(args.workers, args.device), precision=args.precision)
     for summary in report.summarise(results):
         progress.console.print(report.rich_table(summary))
     if args.command == "run":
@@ -177,7 +183,8 @@ def _run_continual(args, command: str) -> int:
     suite = runner.narrow(runner.load_continual_suite(args.suite), args.task, args.ipc, args.students, args.seeds,
                           args.methods, args.steps, args.strategies)
     out = Path(args.out or f"runs/{suite.name}")
-    results = runner.run_continual(suite, out, args.data_root, args.device, args.cache_dir, command)
+    results = runner.run_continual(suite, out, args.data_root, args.device, args.cache_dir, command,
+                                   precision=args.precision)
     for table in rich_table(results):
         progress.console.print(table)
     return 0

@@ -126,7 +126,7 @@ def cell_key(cell: Cell, images_hash: str, eval_config: dict, teacher_hash: str 
 
 def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str = "auto",
               cache: str | None = None, command: str = "", stop_after: int | None = None,
-              workers: int = 1) -> list[dict]:
+              workers: int = 1, precision: str | None = None) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). The shared stages
     (teacher, every distilled set) run first in this process; then the post-train cells, here
     or in `workers` single-thread processes (cdabench/cellpool.py). `stop_after` stops after
@@ -138,7 +138,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     validate(suite)
     cells = expand(suite)
     task = load_task(suite.task)
-    ctx = open_context(task, data_root, device, cache)
+    ctx = open_context(task, data_root, device, cache, precision)
     out = Path(out)
     records_path = out / "records.jsonl"
     existing = records.read_records(records_path) if records_path.exists() else []
@@ -181,7 +181,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
             jobs = sorted(jobs, key=lambda job: -job["steps"])
             for job, record in evaluate_cells(jobs, workers, threads, task.path or suite.task, data_root, device,
-                                              cache, out / "cells"):
+                                              cache, out / "cells", ctx.precision):
                 done[job["extra"]["cell_key"]] = records.append_record(records_path, record)
                 progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "
                              f"({record['seconds']['posttrain']:.1f}s)")

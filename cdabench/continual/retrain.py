@@ -44,15 +44,17 @@ def class_mask(num_classes: int, classes, device=None) -> torch.Tensor:
 
 
 def kd_source(recipe: TrainRecipe, kd: KDConfig, image_size: int, teacher: nn.Module, normalizer: Normalizer,
-              num_classes: int, seen: list[int], masked: bool) -> OnlineKD:
+              num_classes: int, seen: list[int], masked: bool, precision: str = "fp32") -> OnlineKD:
     """Online KD for one step: the teacher restricted to the seen classes when `masked`."""
     mask = class_mask(num_classes, seen) if masked else None
-    return OnlineKD(recipe.augment, image_size, teacher, normalizer, kd.temperature, kd.t_squared, class_mask=mask)
+    return OnlineKD(recipe.augment, image_size, teacher, normalizer, kd.temperature, kd.t_squared, class_mask=mask,
+                    precision=precision)
 
 
 def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, make_model: Callable[[], nn.Module],
                 recipe: TrainRecipe, kd: KDConfig, normalizer: Normalizer, device: torch.device, seed: int,
-                image_size: int, masked: bool = True, description: str = "retrain") -> ProtocolOutcome:
+                image_size: int, masked: bool = True, description: str = "retrain",
+                precision: str = "fp32") -> ProtocolOutcome:
     """Every step: a fresh `make_model()` (seeded with `seed`), trained for `recipe.epochs` on the
     memory of the seen classes, then scored on every experience's test images."""
     from cdabench.continual.scenario import subset_by_classes
@@ -65,12 +67,12 @@ def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = make_model().to(device)
-        labels = kd_source(recipe, kd, image_size, teacher, normalizer, scenario.num_classes, seen, masked)
+        labels = kd_source(recipe, kd, image_size, teacher, normalizer, scenario.num_classes, seen, masked, precision)
         # (train_model drops a last mini-batch of one image, which would break BatchNorm at 1x1.)
         result = train_model(model, bank, labels, recipe, normalizer, device, seed, image_size,
-                             description=f"{description} step {step + 1}/{scenario.num_steps}")
+                             description=f"{description} step {step + 1}/{scenario.num_steps}", precision=precision)
         start = time.perf_counter()
-        top1, top5 = evaluate_experiences(model, scenario, normalizer, device)
+        top1, top5 = evaluate_experiences(model, scenario, normalizer, device, precision)
         outcome.eval_seconds += time.perf_counter() - start
         outcome.top1.append(top1)
         outcome.top5.append(top5)

@@ -188,7 +188,7 @@ def _eval_config(ctx, suite: ContinualSuite, cell: ContinualCell, mem_size: int)
     if cell.protocol == "retrain":
         recipe = student_recipe(ctx, suite.student, suite.retrain_epochs)
         return {"protocol": "retrain", "recipe": dataclasses.asdict(recipe),
-                "kd": dataclasses.asdict(ctx.task.posttrain.kd), "masked": cell.masked}
+                "kd": dataclasses.asdict(ctx.task.posttrain.kd), "masked": cell.masked, "precision": ctx.precision}
     return {"protocol": "sequential", "strategy": cell.strategy, "settings": suite.sequential.to_dict(),
             "mem_size": mem_size, "student": suite.student, "augmentation": None}
 
@@ -200,7 +200,8 @@ def cell_key(cell: ContinualCell, dataset: str, scenario: dict, images_hash: str
 
 
 def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None, device: str = "auto",
-                  cache: str | None = None, command: str = "", stop_after: int | None = None) -> list[dict]:
+                  cache: str | None = None, command: str = "", stop_after: int | None = None,
+                  precision: str | None = None) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new)."""
     from cdabench.continual.memory import load_memory
     from cdabench.continual.scenario import scenario_for
@@ -212,7 +213,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     validate(suite)
     task = load_task(suite.task)
     ipc = suite_ipc(suite, task)
-    ctx = open_context(task, data_root, device, cache)
+    ctx = open_context(task, data_root, device, cache, precision)
     check_data(ctx, suite, ipc)
     cells = expand(suite)
     out = Path(out)
@@ -291,7 +292,7 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
         recipe = student_recipe(ctx, suite.student, suite.retrain_epochs)
         outcome = run_retrain(sc, mem.bank, teacher.model, make_model, recipe, ctx.task.posttrain.kd, normalizer,
                               ctx.device, cell.seed, ctx.image_size, masked=bool(cell.masked),
-                              description=f"retrain {mem.name}")
+                              description=f"retrain {mem.name}", precision=ctx.precision)
         epochs, labels = recipe.epochs, "soft"
         label_protocol = f"{ctx.task.posttrain.kd.mode}-kd-{'masked' if cell.masked else 'unmasked'}"
         num_images, image_bytes, label_bytes = len(mem), mem.image_bytes, 0
@@ -319,6 +320,8 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
         "epochs": epochs, "num_images": num_images, "image_bytes": image_bytes, "label_bytes": label_bytes,
         "teacher_forwards": outcome.teacher_forwards, "seconds": seconds, "device": device_description(ctx.device),
         "versions": versions(),
+        # Avalanche's training loops run in fp32; the retrain protocol uses the task's precision.
+        "precision": ctx.precision if cell.protocol == "retrain" else "fp32",
         "hashes": {"images": mem.images_hash if mem else None, "labels": None,
                    "teacher": teacher.hash if teacher is not None else None,
                    "eval_config": artifacts.hash_config(eval_config), "classes": artifacts.hash_config(ctx.classes),

@@ -167,12 +167,13 @@ def scenario_for(ctx, steps: int, seed: int) -> Scenario:
                           what=f"{ctx.data.spec.name} ({ctx.task.name})")
 
 
-def evaluate_experiences(model, scenario: Scenario, normalizer: Normalizer, device) -> tuple[list[float], list[float]]:
+def evaluate_experiences(model, scenario: Scenario, normalizer: Normalizer, device,
+                         precision: str = "fp32") -> tuple[list[float], list[float]]:
     """Top-1 and top-5 (%) on the test images of every experience (seen or not): one row of the
     accuracy matrix. Predictions range over all classes (no masking at test time)."""
     top1, top5 = [], []
     for j in range(scenario.num_steps):
-        result = evaluate_model(model, scenario.test_bank(j), normalizer, device)
+        result = evaluate_model(model, scenario.test_bank(j), normalizer, device, precision=precision)
         top1.append(result["top1"])
         top5.append(result["top5"])
     return top1, top5

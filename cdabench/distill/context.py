@@ -2,6 +2,7 @@
 device, the cache folder, the process group. Built once per command by `open_context`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from cdabench.config import Task, TrainRecipe
 from cdabench.data import DataError, ImageSplit, RealData, create_dataset, stratified_holdout
 from cdabench.distill.train import ImageBank, Normalizer, StreamedImages
 from cdabench.models import create_model, describe_adaptation
-from cdabench.runtime import ProcessGroup, init_process_group, resolve_device
+from cdabench.runtime import ProcessGroup, check_precision, init_process_group, resolve_device
 
 IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held as one tensor; larger sets stream from disk
 
@@ -63,6 +64,11 @@ class Context:
         return (self.data.spec.channels, self.image_size, self.image_size)
 
     @property
+    def precision(self) -> str:
+        """fp32 | bf16: the autocast of every forward pass of every stage (the task's, or --precision)."""
+        return self.task.precision
+
+    @property
     def mean(self):
         return self.data.spec.mean
 
@@ -97,8 +103,13 @@ class Context:
         return self._sources[name]
 
 
-def open_context(task: Task, data_root: str | None, device: str = "auto", cache: str | Path | None = None) -> Context:
+def open_context(task: Task, data_root: str | None, device: str = "auto", cache: str | Path | None = None,
+                 precision: str | None = None) -> Context:
+    """`precision` (the command's --precision) overrides the task's; bf16 needs a device that runs it natively."""
     dev = resolve_device(device)
+    if precision is not None:
+        task = dataclasses.replace(task, precision=precision)
+    check_precision(task.precision, dev)
     group = init_process_group(dev)
     data = create_dataset(task.dataset, data_root, task.image_size)
     fit_idx, heldout_idx = stratified_holdout(np.asarray(data.train.targets), per_class=task.holdout_per_class,

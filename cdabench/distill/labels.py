@@ -74,15 +74,16 @@ class HardLabels(_AugmentedSource):
 
 class OnlineKD(_AugmentedSource):
     def __init__(self, spec: AugmentSpec, image_size: int, teacher: nn.Module, normalizer, temperature: float,
-                 t_squared: bool, class_mask: torch.Tensor | None = None):
+                 t_squared: bool, class_mask: torch.Tensor | None = None, precision: str = "fp32"):
         super().__init__(spec, image_size)
+        self.precision = precision
         self.teacher, self.normalizer = teacher.eval(), normalizer
         self.temperature, self.t_squared, self.class_mask = temperature, t_squared, class_mask
         self.teacher_forwards = 0
 
     @torch.no_grad()
     def _teacher_probs(self, views: torch.Tensor) -> torch.Tensor:
-        with autocast(views.device):
+        with autocast(views.device, self.precision):
             logits = self.teacher(self.normalizer(views))
         self.teacher_forwards += views.shape[0]
         return masked_probs(logits, self.temperature, self.class_mask)
@@ -113,7 +114,7 @@ def epoch_file(root: Path, epoch: int) -> Path:
 
 @torch.no_grad()
 def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, config: LabelStoreConfig,
-                      normalizer, device: torch.device, image_size: int) -> dict:
+                      normalizer, device: torch.device, image_size: int, precision: str = "fp32") -> dict:
     """Generate (or finish) the stored soft labels: one atomically written file per epoch, so an
     interrupted relabel resumes at the first missing epoch. Returns the store's manifest."""
     finished = (root / "labels.json").exists() and all(epoch_file(root, e).exists() for e in range(config.epochs))
@@ -140,7 +141,7 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
                 x = images[idx].to(device).float().div_(255)
                 params = sample_aug_params(rng, len(idx), x.shape[-2], x.shape[-1], spec)
                 views = augment_batch(x, params, spec, image_size)
-                with autocast(device):
+                with autocast(device, precision):
                     logits = teacher(normalizer(views)).float().cpu()
                 if logits_all is None:
                     logits_all = torch.zeros((n, logits.shape[1]), dtype=torch.float16)

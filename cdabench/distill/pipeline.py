@@ -99,6 +99,7 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
         "method": method.name, "ipc": None if full else ipc, "seed": seed, "classes": ctx.classes,
         "class_folders": folders, "image_size": ctx.image_size, "channels": ctx.shape[0],
         "image_format": rconfig.image_format if rconfig else "png", "full": full, "selection": selection,
+        "precision": rconfig.precision if rconfig else None,  # of recover's teacher forward
         "files": files, "images_hash": artifacts.hash_file_map(files) if not full else ctx.data.fingerprint(),
         "image_bytes": sum((out / "images" / rel).stat().st_size for rel in files) if not full else _real_bytes(ctx),
         "teacher": {"hash": teacher.hash, "source": teacher.info.get("source"),
@@ -192,16 +193,16 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
         return HardLabels(recipe.augment, ctx.image_size), {}
     if kd.mode == "online":
         return OnlineKD(recipe.augment, ctx.image_size, teacher.model, ctx.normalizer(), kd.temperature,
-                        kd.t_squared), {}
+                        kd.t_squared, precision=ctx.precision), {}
     if not isinstance(bank, ImageBank):
         raise ConfigError("stored soft labels need the distilled set in memory; use kd mode = 'online' for full data")
     store_config = LabelStoreConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment,
                                     topk=kd.topk, seed=manifest.get("seed") or 0)
     key = artifacts.hash_config({"images": manifest["images_hash"], "teacher": teacher.hash,
-                                 "store": store_config.to_dict()})
+                                 "store": store_config.to_dict(), "precision": ctx.precision})
     root = ctx.cache / "labels" / key
     store = build_label_store(root, teacher.model, bank.images, store_config, ctx.normalizer(), ctx.device,
-                              ctx.image_size)
+                              ctx.image_size, precision=ctx.precision)
     source = StoredLabels(root, recipe.augment, ctx.image_size, kd.temperature, kd.t_squared, ctx.num_classes)
     return source, store
 
@@ -215,7 +216,7 @@ def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | Non
     """Everything about post-train that a result depends on (hashed into every record)."""
     kd = ctx.task.posttrain.kd
     return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full)), "labels": labels,
-            "kd": dataclasses.asdict(kd) if labels == "soft" else None}
+            "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
 
 
 def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int, out: str | Path,
@@ -239,9 +240,10 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     torch.manual_seed(seed)
     model = prepare_model(ctx.new_model(recipe), ctx.device)
     result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
-                         description=f"post-train {student} ({manifest.get('method')}, {labels})")
-    test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
-    heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
+                         description=f"post-train {student} ({manifest.get('method')}, {labels})",
+                         precision=ctx.precision)
+    test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+    heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
     kd = ctx.task.posttrain.kd
     eval_config = evaluation_config(ctx, student, labels, epochs, full)
     seconds = dict(manifest.get("seconds", {}))
@@ -256,7 +258,9 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         "epochs": recipe.epochs, "num_images": len(bank), "image_bytes": manifest.get("image_bytes"),
         "label_bytes": store.get("label_bytes", 0),
         "teacher_forwards": result.teacher_forwards + store.get("teacher_forwards", 0),
-        "seconds": seconds, "device": device_description(ctx.device), "versions": versions(),
+        "seconds": seconds, "device": device_description(ctx.device), "precision": ctx.precision,
+        "recover_precision": manifest.get("precision"),
+        "versions": versions(),
         "hashes": {"images": manifest.get("images_hash"), "labels": store.get("label_hash"),
                    "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config),
                    "classes": artifacts.hash_config(ctx.classes)},

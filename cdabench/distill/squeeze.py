@@ -31,7 +31,7 @@ def teacher_key(ctx: Context, seed: int) -> str:
     return artifacts.hash_config({
         "stage": "squeeze", "dataset": ctx.data.fingerprint(), "task_split": [
             ctx.task.holdout_fraction, ctx.task.holdout_per_class, ctx.task.split_seed],
-        "recipe": dataclasses.asdict(ctx.task.teacher), "seed": seed})
+        "recipe": dataclasses.asdict(ctx.task.teacher), "precision": ctx.precision, "seed": seed})
 
 
 def _new_teacher(ctx: Context) -> nn.Module:
@@ -51,12 +51,13 @@ def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
         start = time.perf_counter()
         result = train_model(model, ctx.source("fit"), labels, recipe, ctx.normalizer(), ctx.device, seed,
                              ctx.image_size, description=f"squeeze {recipe.model}",
-                             checkpoint=folder / "checkpoint.pt")
-        heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
-        test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device)
+                             checkpoint=folder / "checkpoint.pt", precision=ctx.precision)
+        heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+        test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
         artifacts.save_state_dict(weights, {k: v.cpu() for k, v in model.state_dict().items()})
         info = {"key": key, "source": "trained", "recipe": dataclasses.asdict(recipe), "seed": seed,
                 "classes": ctx.classes, "heldout_top1": heldout["top1"], "test_top1": test["top1"],
+                "precision": ctx.precision,
                 "seconds": time.perf_counter() - start, "history": result.history,
                 "dataset_fingerprint": ctx.data.fingerprint()}
         artifacts.atomic_write_json(meta_path, info)
@@ -131,7 +132,7 @@ def class_order_guard(ctx: Context, teacher: Teacher) -> float:
     bank = ctx.source("heldout")
     idx = probe_indices(bank.labels.numpy(), ctx.task.probe_per_class) if isinstance(bank, ImageBank) else None
     probe = ImageBank(bank.images[idx], bank.labels[idx]) if idx is not None else bank
-    accuracy = evaluate_model(teacher.model, probe, ctx.normalizer(), ctx.device)["top1"]
+    accuracy = evaluate_model(teacher.model, probe, ctx.normalizer(), ctx.device, precision=ctx.precision)["top1"]
     threshold = min(50.0, 1000.0 / ctx.num_classes)
     teacher.info["probe_top1"] = accuracy
     if accuracy < threshold:

@@ -113,7 +113,7 @@ def lr_at(recipe: TrainRecipe, step: int, steps_per_epoch: int) -> float:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, source, normalizer: Normalizer, device: torch.device,
-                   batch_size: int = 500) -> dict:
+                   batch_size: int = 500, precision: str = "fp32") -> dict:
     """Top-1 and top-5 accuracy (%) on an ImageBank / StreamedImages, no augmentation."""
     was_training = model.training
     model.eval()
@@ -121,7 +121,7 @@ def evaluate_model(model: nn.Module, source, normalizer: Normalizer, device: tor
     for x_uint8, y, _ in source.batches(np.arange(len(source)), batch_size):
         x = normalizer(to_unit(x_uint8, device))
         y = y.to(device)
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(x).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -139,14 +139,15 @@ class TrainResult:
     teacher_forwards: int = 0
 
 
-def train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data) -> torch.Tensor:
+def train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data,
+               precision: str = "fp32") -> torch.Tensor:
     """One optimiser step: augment + target (from the label source), forward, loss, backward."""
     x = to_unit(x_uint8, device)
     inputs, target = labels.prepare(x, y.to(device), idx, epoch, rng, data)
     inputs = normalizer(inputs)
     if device.type == "cuda":
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(inputs)
     loss = labels.loss(logits.float(), target)
     optimizer.zero_grad(set_to_none=True)
@@ -177,10 +178,12 @@ def _load_checkpoint(path: Path, model, optimizer, rng, result: TrainResult) -> 
 
 def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer: Normalizer,
                 device: torch.device, seed: int, image_size: int, description: str = "train",
-                on_epoch=None, checkpoint: Path | None = None, checkpoint_seconds: float = 60.0) -> TrainResult:
+                on_epoch=None, checkpoint: Path | None = None, checkpoint_seconds: float = 60.0,
+                precision: str = "fp32") -> TrainResult:
     """Train `model` in place for recipe.epochs; `labels` is a label source (distill/labels.py)
     that decides the epoch order, the augmentation parameters and the loss.
     `on_epoch(epoch, model)` may return a dict of metrics to keep in the history.
+    `precision`: "fp32", or "bf16" for the forward passes under autocast (the loss stays fp32).
     With `checkpoint`, the state (model, optimiser, generator, history) is saved atomically at
     most every `checkpoint_seconds`, and a killed run resumes from the last saved epoch."""
     rng = np.random.default_rng([seed, 0xA11CE])
@@ -204,7 +207,8 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                 lr = lr_at(recipe, step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data)
+                loss = train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data,
+                                  precision)
                 total_loss += loss * len(y)
                 seen += len(y)
                 step += 1
