@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--epochs", type=int, default=None, help="override the task's post-train epochs")
     e.add_argument("--out", required=True, help="folder of records.jsonl")
+    e.add_argument("--allow-label-mismatch", action="store_true",
+                   help="evaluate a folder whose labels the teacher does not agree with (deliberately mislabelled "
+                        "data); the agreement is still recorded")
 
     r = sub.add_parser("run", help="run a suite (a grid of method x IPC x student x labels x seed)")
     _suite_args(r)
@@ -123,7 +126,8 @@ def _dispatch(args, command: str) -> int:
         ipc = args.ipc if args.ipc is not None else task.ipcs[0]
         distill(ctx, args.method, ipc, args.seed, args.out, args.teacher, command)
     elif args.command == "evaluate":
-        evaluate(ctx, args.data, args.student, args.labels, args.seed, args.out, args.teacher, command, args.epochs)
+        evaluate(ctx, args.data, args.student, args.labels, args.seed, args.out, args.teacher, command, args.epochs,
+                 allow_label_mismatch=args.allow_label_mismatch)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Model registry: named entries over timm, one `create_model` factory, `pretrained=False` always.
 
-Small-image adaptations are explicit and recorded (`describe_adaptation`):
+ResNets are initialised as torchvision initialises them (no zero-initialised last BN gamma), the
+models the official SRe2L/CDA teachers and students are. Small-image adaptations are explicit and
+recorded (`describe_adaptation`):
 - ResNets at <= 64 px: 3x3 stride-1 `conv1` and no max-pool (the field's CIFAR/Tiny ResNet).
 - MobileNetV2 at <= 64 px: stride-1 `conv_stem`, so the last feature map is not 1x1 at 32 px; below
   32 px the first downsampling stages also keep stride 1 until the last map is 2x2 again (at 8 px
@@ -48,13 +50,18 @@ def _small_resnet(model: nn.Module, in_chans: int, image_size: int) -> nn.Module
 
 
 def _resnet(timm_name, num_classes, in_chans, image_size):
-    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    # torchvision's initialisation, as the official teachers and students have: Kaiming-normal
+    # convolutions, BN gamma 1 everywhere (timm's default zero-initialises the last BN gamma of
+    # every block, a different starting point). timm's ResNet keys equal torchvision's, so a
+    # `torchvision.models.resnet18` state dict loads as it is.
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                              zero_init_last=False)
     return _small_resnet(model, in_chans, image_size)
 
 
 for _depth in (18, 50, 101):
     register_model(f"resnet{_depth}", f"resnet{_depth}",
-                   "timm ResNet; 3x3 stride-1 stem, no max-pool at <= 64 px")(_resnet)
+                   "timm ResNet with torchvision's init; 3x3 stride-1 stem, no max-pool at <= 64 px")(_resnet)
 
 
 @register_model("mobilenetv2", "mobilenetv2_100", "timm MobileNetV2 1.0; stride-1 stem at <= 64 px")

@@ -363,3 +363,32 @@ def test_evaluate_appends_records_online_and_stored(tiny_task, private_cache, di
 
     on_disk = records.read_records(out / "records.jsonl")
     assert on_disk == [online, stored]
+
+
+def _external_copy(src: Path, dst: Path, permutation: list[int] | None = None) -> Path:
+    """The images of a distilled set as a bare ImageFolder (no manifest), folders optionally
+    renamed so that class k's images sit in the folder of class permutation[k]."""
+    folders = sorted(p.name for p in (src / "images").iterdir())
+    for k, name in enumerate(folders):
+        target = folders[permutation[k]] if permutation else name
+        shutil.copytree(src / "images" / name, dst / target)
+    return dst
+
+
+def test_label_agreement_guard_refuses_a_permuted_foreign_folder(capsys, cli_common, distilled, tmp_path):
+    random_set = distilled("random")
+    shifted = [(k + 1) % 10 for k in range(10)]
+    permuted = _external_copy(random_set, tmp_path / "permuted", shifted)
+    argv = ["evaluate", *cli_common, "--data", str(permuted), "--epochs", "1", "--out", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "label-agreement guard" in err and "permuted" in err and "--allow-label-mismatch" in err
+    assert not (tmp_path / "runs" / "records.jsonl").exists()
+    # The explicit override trains anyway, and the record says how little the teacher agreed.
+    assert main(argv + ["--allow-label-mismatch"]) == 0
+    # The same folder with the right names passes, and the agreement is recorded as measured.
+    right = _external_copy(random_set, tmp_path / "right")
+    assert main(["evaluate", *cli_common, "--data", str(right), "--epochs", "1", "--out", str(tmp_path / "runs")]) == 0
+    mislabelled, correct = [json.loads(line) for line in (tmp_path / "runs" / "records.jsonl").read_text().splitlines()]
+    assert mislabelled["label_agreement"] <= 20.0 and mislabelled["method"] == "external"
+    assert correct["label_agreement"] >= 90.0

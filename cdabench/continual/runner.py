@@ -17,6 +17,7 @@ from pathlib import Path
 from cdabench import artifacts, progress, records
 from cdabench.config import ConfigError, _read_toml, build, load_method, load_task
 from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name
+from cdabench.continual.scenario import class_order
 from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, SequentialSettings, check_strategy,
                                            memory_kind)
 
@@ -38,6 +39,7 @@ class ContinualSuite:
     unmasked: tuple[str, ...] = ()        # retrain also runs the papers' unmasked variant for these memories
     ipc: int | None = None                # images per class of every memory; None: the task's first IPC
     seeds: tuple[int, ...] = (0,)         # seeds the class order, the memory selection and the training
+    class_order: str = "cdabench"         # or "sre2l-cl": the official SRe2L continual script's permutation
     student: str = "resnet18"
     retrain_epochs: int | None = None     # None: the task's post-train epochs
     sequential: SequentialSettings = field(default_factory=SequentialSettings)
@@ -104,6 +106,7 @@ def validate(suite: ContinualSuite) -> None:
     """Names and numbers are checked before any work starts; errors list the valid choices."""
     if suite.kind != KIND:
         raise ConfigError(f"{suite.path or suite.name}: kind must be {KIND!r}, got {suite.kind!r}")
+    class_order(2, 0, suite.class_order)   # an unknown convention fails here, naming the known ones
     load_task(suite.task)
     bad = [p for p in suite.protocols if p not in PROTOCOLS]
     if bad or not suite.protocols:
@@ -240,7 +243,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
 
     def scenario(steps: int, seed: int):
         if (steps, seed) not in state["scenarios"]:
-            state["scenarios"][(steps, seed)] = scenario_for(ctx, steps, seed)
+            state["scenarios"][(steps, seed)] = scenario_for(ctx, steps, seed, suite.class_order)
         return state["scenarios"][(steps, seed)]
 
     results, evaluated = [], 0
@@ -328,7 +331,8 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
                    "scenario": artifacts.hash_config(composition)},
         "continual": True, "protocol": cell.protocol, "strategy": cell.strategy, "memory": cell.memory,
         "masked": cell.masked, "steps": cell.steps, "order_seed": composition["order_seed"],
-        "class_order": composition["class_order"], "step_classes": composition["steps"],
+        "class_order": composition["class_order"], "class_order_convention": suite.class_order,
+        "step_classes": composition["steps"],
         "test_images": composition["test_images"], "mem_size": num_images,
         "image_bytes_kind": "stored files" if mem is not None else ("raw uint8 pixels" if num_images else "none"),
         **result.to_record(), "step_details": outcome.steps,

@@ -2,7 +2,8 @@
 train/test images, and the Avalanche benchmark over them (its current API,
 `class_incremental_benchmark`, with our class order passed explicitly).
 
-The class order comes from `numpy.random.default_rng(seed).permutation`: no library call that
+The class order comes from `numpy.random.default_rng(seed).permutation` (or, with the suite's
+`class_order = "sre2l-cl"`, the official SRe2L continual script's legacy-numpy permutation): no library call that
 touches a global random state is involved (Avalanche's own `seed=` re-seeds torch's global
 generator, and it silently drops leftover classes when the step count does not divide them).
 """
@@ -18,9 +19,21 @@ from cdabench.config import ConfigError
 from cdabench.distill.train import ImageBank, Normalizer, evaluate_model
 
 
-def class_order(num_classes: int, seed: int) -> list[int]:
-    """The seeded class order: a permutation of 0..C-1 from numpy's default_rng(seed)."""
-    return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+CLASS_ORDERS = ("cdabench", "sre2l-cl")
+
+
+def class_order(num_classes: int, seed: int, convention: str = "cdabench") -> list[int]:
+    """The seeded class order, a permutation of the class indices 0..C-1 (sorted-wnid indices on
+    Tiny-ImageNet). "cdabench": numpy's default_rng(seed).permutation. "sre2l-cl": the official
+    SRe2L continual script's, `np.random.seed(seed); np.random.permutation(C)` (numpy's legacy
+    generator, here as a private RandomState: the same numbers, no global state touched)."""
+    if convention == "cdabench":
+        order = np.random.default_rng(seed).permutation(num_classes)
+    elif convention == "sre2l-cl":
+        order = np.random.RandomState(seed).permutation(num_classes)
+    else:
+        raise ConfigError(f"unknown class order {convention!r}: use {' or '.join(CLASS_ORDERS)}")
+    return [int(c) for c in order]
 
 
 def divisors(n: int) -> list[int]:
@@ -143,9 +156,10 @@ class Scenario:
 
 
 def build_scenario(train: ImageBank, test: ImageBank, num_classes: int, steps: int, seed: int, mean, std,
-                   class_names: list[str] | None = None, what: str = "the dataset") -> Scenario:
+                   class_names: list[str] | None = None, what: str = "the dataset",
+                   order_convention: str = "cdabench") -> Scenario:
     """A scenario from uint8 train/test images; every class must have train and test images."""
-    order = class_order(num_classes, seed)
+    order = class_order(num_classes, seed, order_convention)
     split = split_steps(order, steps, what)
     for name, bank in (("train", train), ("test", test)):
         present = set(bank.labels.unique().tolist())
@@ -157,14 +171,14 @@ def build_scenario(train: ImageBank, test: ImageBank, num_classes: int, steps: i
     return Scenario(order, split, seed, train, test, tuple(mean), tuple(std), list(class_names or []))
 
 
-def scenario_for(ctx, steps: int, seed: int) -> Scenario:
+def scenario_for(ctx, steps: int, seed: int, order_convention: str = "cdabench") -> Scenario:
     """The scenario of a task: the fit split (train minus held-out) as the stream, test to score."""
     train, test = ctx.source("fit"), ctx.source("test")
     if not isinstance(train, ImageBank) or not isinstance(test, ImageBank):
         raise ConfigError(f"task {ctx.task.name}: the continual suite needs the images in memory, and "
                           f"{ctx.data.spec.name} at {ctx.image_size} px is too large for that")
     return build_scenario(train, test, ctx.num_classes, steps, seed, ctx.mean, ctx.std, ctx.classes,
-                          what=f"{ctx.data.spec.name} ({ctx.task.name})")
+                          what=f"{ctx.data.spec.name} ({ctx.task.name})", order_convention=order_convention)
 
 
 def evaluate_experiences(model, scenario: Scenario, normalizer: Normalizer, device,

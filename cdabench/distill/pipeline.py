@@ -18,7 +18,7 @@ from cdabench.distill.context import Context, check_ipc, eval_transform
 from cdabench.distill.labels import HardLabels, LabelStoreConfig, OnlineKD, StoredLabels, build_label_store
 from cdabench.distill.recover import image_relpath, run_recover
 from cdabench.distill.select import select_herding, select_random
-from cdabench.distill.squeeze import Teacher, get_teacher
+from cdabench.distill.squeeze import Teacher, get_teacher, label_agreement_guard
 from cdabench.distill.train import ImageBank, evaluate_model, train_model
 from cdabench.models import check_model_name
 from cdabench.runtime import device_description, prepare_model, versions
@@ -221,19 +221,26 @@ def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | Non
 
 def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int, out: str | Path,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
-             extra: dict | None = None, teacher: Teacher | None = None) -> dict:
+             extra: dict | None = None, teacher: Teacher | None = None,
+             allow_label_mismatch: bool = False) -> dict:
     """Train a fresh `student` on the distilled set only; record the last epoch's test accuracy.
-    `teacher`: one already loaded and guarded (see `distill`)."""
+    `teacher`: one already loaded and guarded (see `distill`). A folder without our manifest must
+    pass the label-agreement guard (squeeze.label_agreement_guard) unless `allow_label_mismatch`."""
     if labels not in ("soft", "hard"):
         raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
     check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
     bank, manifest = load_distilled(ctx, data_dir)
     full = bool(manifest.get("full"))
     recipe = student_recipe(ctx, student, epochs, full)
-    if labels != "soft":
-        teacher = None
-    elif teacher is None:
+    external = manifest.get("method") == "external"
+    if teacher is None and (labels == "soft" or (external and not allow_label_mismatch)):
         teacher = get_teacher(ctx, teacher_path)
+    agreement = None
+    if teacher is not None and not full:
+        agreement = label_agreement_guard(ctx, teacher, bank, str(data_dir),
+                                          enforce=external and not allow_label_mismatch)
+    if labels != "soft":
+        teacher = None  # the guard's teacher only: hard labels use none
     relabel_start = time.perf_counter()
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
     relabel_seconds = time.perf_counter() - relabel_start
@@ -255,6 +262,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         "ipc": manifest.get("ipc"), "student": student, "labels": labels,
         "label_protocol": f"{kd.mode}-kd" if labels == "soft" else "hard", "seed": seed,
         "top1": test["top1"], "top5": test["top5"], "heldout_top1": heldout["top1"], "metric": "last-epoch",
+        "label_agreement": agreement,
         "epochs": recipe.epochs, "num_images": len(bank), "image_bytes": manifest.get("image_bytes"),
         "label_bytes": store.get("label_bytes", 0),
         "teacher_forwards": result.teacher_forwards + store.get("teacher_forwards", 0),

@@ -144,5 +144,25 @@ def class_order_guard(ctx: Context, teacher: Teacher) -> float:
     return accuracy
 
 
+@torch.no_grad()
+def label_agreement_guard(ctx: Context, teacher: Teacher, bank: ImageBank, where: str, enforce: bool = True) -> float:
+    """Top-1 agreement (%) of the task's teacher with the folder labels of a distilled set, no
+    augmentation. Sets synthesised from a BN teacher are classified almost perfectly by it, real
+    images well above chance; agreement near chance (at most 2x) means the folder -> class map is
+    permuted. `enforce`: refuse such a set (a folder without our manifest, whose class map nothing
+    else checks); otherwise the value is only recorded."""
+    agreement = evaluate_model(teacher.model, bank, ctx.normalizer(), ctx.device, precision=ctx.precision)["top1"]
+    chance = 100.0 / ctx.num_classes
+    if enforce and agreement <= 2 * chance:
+        raise DataError(
+            f"label-agreement guard: the task's teacher agrees with the folder labels of {where} on only "
+            f"{agreement:.1f}% of its {len(bank)} images (chance {chance:.1f}%). The folder -> class map is probably "
+            f"permuted: cdabench maps a folder named after a class of task {ctx.task.name} "
+            f"({', '.join(ctx.classes[:3])}, ...) to that class, and a folder ending in a number (new000, the "
+            "official releases) to the class of that index. Check the class order of the set (Tiny-ImageNet and ImageNet: sorted wnids; official releases new000...: folder index = "
+            "class index), or pass --allow-label-mismatch to evaluate deliberately mislabelled data")
+    return agreement
+
+
 def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0) -> Teacher:
     return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed)
