@@ -25,13 +25,12 @@ def _init_worker(task: str, data_root: str | None, device: str, cache: str | Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from cdabench import progress
-    from cdabench.config import load_task
     from cdabench.distill.context import open_context
     from cdabench.distill.squeeze import get_teacher
 
     torch.set_num_threads(threads)
     progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
-    ctx = open_context(load_task(task), data_root, device, cache, precision)
+    ctx = open_context(task, data_root, device, cache, precision)
     _STATE.update(ctx=ctx, teacher=get_teacher(ctx))
 
 
@@ -43,10 +42,10 @@ def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: s
                     teacher=_STATE["teacher"], extra=extra)
 
 
-def evaluate_cells(jobs: list[dict], workers: int, threads: int, task: str, data_root: str | None, device: str,
+def evaluate_cells(jobs: list[dict], workers: int, threads: int, task, data_root: str | None, device: str,
                    cache: str | None, scratch_root: Path, precision: str = "fp32"):
     """Yield (job, record) as cells finish. `jobs`: keyword arguments of `_evaluate_cell` minus
-    `scratch`. Stops submitting when the caller stops iterating (the pool is shut down)."""
+    `scratch`; `task`: the parent's Task (command-line overrides included). Stops submitting when the caller stops iterating (the pool is shut down)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                initargs=(task, data_root, device, cache, threads, precision))

@@ -18,6 +18,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="teachers and label stores (default $CDABENCH_CACHE or ~/.cache/cdabench)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint (state dict) instead of training one")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _holdout_args(p)
+
+
+def _holdout_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--holdout-per-class", type=int, default=None, metavar="N",
+                       help="held-out real images per class (overrides the task's held-out split; e.g. for a "
+                            "dataset with fewer images per class than the task expects)")
+    group.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
+                       help="held-out fraction of each class's images (overrides the task's held-out split)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +90,7 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
                         "recorded in every record")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quiet", action="store_true")
+    _holdout_args(p)
     p.add_argument("--workers", default="auto",
                    help="post-train cells at once: N processes of (threads / N) threads; auto = 2 on a CPU with "
                         ">= 2 threads, 1 on CUDA (docs/suites.md)")
@@ -120,7 +131,7 @@ def _dispatch(args, command: str) -> int:
         return _run_or_check(args, command)
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate
-    task = config.load_task(args.task)
+    task = config.with_holdout(config.load_task(args.task), args.holdout_per_class, args.holdout_fraction)
     ctx = open_context(task, args.data_root, args.device, args.cache_dir, args.precision)
     if args.command == "distill":
         ipc = args.ipc if args.ipc is not None else task.ipcs[0]
@@ -148,7 +159,8 @@ def _run_or_check(args, command: str) -> int:
         results = records.read_records(Path(args.records) / "records.jsonl")
     else:
         results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
-                            workers=_workers(args.workers, args.device), precision=args.precision)
+                            workers=_workers(args.workers, args.device), precision=args.precision,
+                            holdout=(args.holdout_per_class, args.holdout_fraction))
     for summary in report.summarise(results):
         progress.console.print(report.rich_table(summary))
     if args.command == "run":
@@ -188,7 +200,7 @@ def _run_continual(args, command: str) -> int:
                           args.methods, args.steps, args.strategies)
     out = Path(args.out or f"runs/{suite.name}")
     results = runner.run_continual(suite, out, args.data_root, args.device, args.cache_dir, command,
-                                   precision=args.precision)
+                                   precision=args.precision, holdout=(args.holdout_per_class, args.holdout_fraction))
     for table in rich_table(results):
         progress.console.print(table)
     return 0

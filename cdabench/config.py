@@ -241,6 +241,28 @@ def load_task(name_or_path: str) -> Task:
     return dataclasses.replace(task, path=str(path))
 
 
+def with_holdout(task: Task, per_class: int | None = None, fraction: float | None = None) -> Task:
+    """The task with its held-out split size set from the command line (--holdout-per-class N or
+    --holdout-fraction F); neither: the task as it is. Every key that depends on the split reads
+    these fields (split_settings), so a changed size trains, distils and evaluates afresh."""
+    if per_class is not None and fraction is not None:
+        raise ConfigError("give one of --holdout-per-class and --holdout-fraction, not both")
+    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1):
+        raise ConfigError(f"--holdout-per-class must be a positive whole number, got {per_class!r}")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ConfigError(f"--holdout-fraction must be strictly between 0 and 1, got {fraction!r}")
+    if per_class is None and fraction is None:
+        return task
+    return dataclasses.replace(task, holdout_per_class=per_class, holdout_fraction=fraction)
+
+
+def split_settings(task: Task) -> dict:
+    """What the fit / held-out split depends on besides the data (part of every cache key that
+    depends on the split)."""
+    return {"holdout_fraction": task.holdout_fraction, "holdout_per_class": task.holdout_per_class,
+            "split_seed": task.split_seed}
+
+
 def list_methods() -> list[str]:
     return sorted({"cda", *(p.stem for p in BASELINES_DIR.glob("*.toml"))})
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdabench import artifacts, progress, records
-from cdabench.config import ROOT, ConfigError, _read_toml, build, load_method, load_task, method_uses_seed
+from cdabench.config import (ROOT, ConfigError, _read_toml, build, load_method, load_task, method_uses_seed,
+                             split_settings, with_holdout)
 from cdabench.models import MODELS
 
 SUITES_DIR = ROOT / "suites"
@@ -118,18 +119,21 @@ def distill_key(ctx, method_name: str, teacher: str) -> str:
     return artifacts.hash_config({"teacher": teacher, "method": method_name, "settings": settings})
 
 
-def cell_key(cell: Cell, images_hash: str, eval_config: dict, teacher_hash: str | None) -> str:
-    """What a cell's result depends on: change any of it and the cell runs again."""
-    return artifacts.hash_config({"cell": dataclasses.asdict(cell), "images": images_hash,
+def cell_key(cell: Cell, images_hash: str, eval_config: dict, teacher_hash: str | None, split: dict) -> str:
+    """What a cell's result depends on: change any of it and the cell runs again. `split`: the
+    task's held-out split (split_settings); the full set's images hash does not cover it."""
+    return artifacts.hash_config({"cell": dataclasses.asdict(cell), "images": images_hash, "split": split,
                                   "eval": eval_config, "teacher": teacher_hash if cell.labels == "soft" else None})
 
 
 def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str = "auto",
               cache: str | None = None, command: str = "", stop_after: int | None = None,
-              workers: int = 1, precision: str | None = None) -> list[dict]:
+              workers: int = 1, precision: str | None = None,
+              holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). The shared stages
     (teacher, every distilled set) run first in this process; then the post-train cells, here
-    or in `workers` single-thread processes (cdabench/cellpool.py). `stop_after` stops after
+    or in `workers` single-thread processes (cdabench/cellpool.py). `holdout`: the command line's
+    (--holdout-per-class, --holdout-fraction). `stop_after` stops after
     that many newly evaluated cells (tests of resuming)."""
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate, evaluation_config
@@ -137,7 +141,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
 
     validate(suite)
     cells = expand(suite)
-    task = load_task(suite.task)
+    task = with_holdout(load_task(suite.task), *holdout)
     ctx = open_context(task, data_root, device, cache, precision)
     out = Path(out)
     records_path = out / "records.jsonl"
@@ -158,7 +162,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
         folder, manifest = distilled[set_key]
         full = bool(manifest.get("full"))
         eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full)
-        key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash)
+        key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash, split_settings(task))
         images = len(ctx.fit) if full else len(manifest["files"])  # full: the fit split, no copies
         steps = eval_config["recipe"]["epochs"] * math.ceil(images / eval_config["recipe"]["batch_size"])
         plan.append((cell, folder, key, steps))
@@ -180,7 +184,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             threads = max(1, torch.get_num_threads() // workers)
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
             jobs = sorted(jobs, key=lambda job: -job["steps"])
-            for job, record in evaluate_cells(jobs, workers, threads, task.path or suite.task, data_root, device,
+            for job, record in evaluate_cells(jobs, workers, threads, task, data_root, device,
                                               cache, out / "cells", ctx.precision):
                 done[job["extra"]["cell_key"]] = records.append_record(records_path, record)
                 progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "

@@ -1,6 +1,6 @@
 """Tiny datasets written at test time in the exact official on-disk layouts.
 
-Everything is produced with the real encoders (PIL for JPEG/PNG, pickle for
+Everything is produced with the real encoders (PIL for JPEG/PNG, Python 2-style pickles for
 CIFAR, struct-packed IDX bytes, gzip) so the loaders read what they would read
 from a real download. Pixels encode the class (see `class_colour` /
 `class_gray`) so tests can prove the label mapping, and one marker pixel at
@@ -10,6 +10,7 @@ row 0, column 1 proves the axis order of array datasets.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -57,10 +58,37 @@ def _interleaved_labels(num_classes: int, per_class: int) -> np.ndarray:
     return np.tile(np.arange(num_classes), per_class).astype(np.int64)
 
 
+class Python2Pickler(pickle._Pickler):
+    """Pickles as the official CIFAR files were written (Python 2 cPickle, protocol 2): every
+    string and byte string is a Python 2 `str` (SHORT_BINSTRING / BINSTRING opcodes, read back
+    with encoding="latin1"), numpy arrays included, so no `_codecs.encode` call appears as it
+    would in a Python 3 protocol-2 pickle of bytes."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_python2_str
+    dispatch[bytes] = save_python2_str
+
+
+def python2_pickle_bytes(obj) -> bytes:
+    """`obj` as the official CIFAR files hold it, numpy's array reconstruction named by its
+    numpy 1 module (numpy.core.multiarray), as in the files."""
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
 def _write_pickle(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+    path.write_bytes(python2_pickle_bytes(obj))
 
 
 def _cifar_rows(images: np.ndarray) -> np.ndarray:

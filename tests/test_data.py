@@ -157,10 +157,15 @@ def test_fashion_mnist_layout(tmp_path):
 
 
 # -------------------------------------------------------------- Tiny ImageNet
+def tiny_colour(classes: list[str], label: int) -> tuple[int, int, int]:
+    """The fixture's colour of class `label`: class_colour of its wnid's line in wnids.txt."""
+    return class_colour(tiny_wnids().index(classes[label]))
+
+
 def test_tiny_imagenet_layout(tmp_path):
     root = make_tiny_imagenet(tmp_path, per_class=2, val_per_class=1)
     data = create_dataset("tiny-imagenet", root)
-    assert data.classes == tiny_wnids()  # wnids.txt order, not sorted
+    assert data.classes == sorted(tiny_wnids())  # sorted wnids, not wnids.txt's line order
     assert (len(data.train), len(data.test)) == (400, 200)
     assert np.array_equal(np.bincount(data.train.targets), np.full(200, 2))
     assert data.test.paths == sorted(data.test.paths)  # sorted file order
@@ -168,13 +173,29 @@ def test_tiny_imagenet_layout(tmp_path):
         for i in (0, 1, len(split) // 2, len(split) - 1):
             image, label = split[i]
             assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
-            assert_colour(image, class_colour(label))
+            assert_colour(image, tiny_colour(data.classes, label))
 
     # Pointing --data-root at the folder itself works, and another size resizes.
     small = create_dataset("tiny-imagenet", root / "tiny-imagenet-200", image_size=32)
     image, label = small.test[7]
     assert small.image_size == 32 and image.shape == (3, 32, 32)
-    assert_colour(image, class_colour(label))
+    assert_colour(image, tiny_colour(small.classes, label))
+
+
+def test_tiny_imagenet_classes_are_sorted_wnids_not_file_order(tmp_path):
+    # The real archive's wnids.txt is not sorted; the field (torchvision ImageFolder over train/,
+    # the official Tiny training code, SRe2L/CDA, RDED) numbers classes in sorted wnid order.
+    root = make_tiny_imagenet(tmp_path, per_class=1, val_per_class=1)
+    listed = (root / "tiny-imagenet-200" / "wnids.txt").read_text().split()
+    assert listed != sorted(listed)  # the fixture's file is shuffled
+    data = create_dataset("tiny-imagenet", root)
+    expected = {wnid: k for k, wnid in enumerate(sorted(listed))}
+    # Every train image's label is its folder's (train/<wnid>/images/x.JPEG) sorted index ...
+    assert [expected[p.parent.parent.name] for p in data.train.paths] == list(data.train.targets)
+    # ... and every val image's label the sorted index of its wnid in val_annotations.txt.
+    annotated = dict(line.split("\t")[:2] for line in
+                     (root / "tiny-imagenet-200" / "val" / "val_annotations.txt").read_text().splitlines())
+    assert [expected[annotated[p.name]] for p in data.test.paths] == list(data.test.targets)
 
 
 def test_tiny_imagenet_unknown_wnid_in_annotations(tmp_path):
@@ -449,3 +470,195 @@ def test_empty_class_folder(tmp_path):
 def test_root_without_class_folders(tmp_path):
     with pytest.raises(DataError, match="no class folders"):
         load_imagefolder(tmp_path, 3)
+
+
+# ------------------------------------------------ class order of released sets
+def test_released_new_folders_map_onto_sorted_wnids(tmp_path):
+    """An official SRe2L/CDA release (folders new000 ... new199) numbers folder k as class k of
+    the sorted wnids; evaluate --data must pair each folder with those real images."""
+    from cdabench.config import load_task, with_holdout
+    from cdabench.distill.context import open_context
+    from cdabench.distill.pipeline import load_distilled
+
+    make_tiny_imagenet(tmp_path / "data", per_class=2, val_per_class=1)
+    task_file = tmp_path / "tiny8.toml"
+    task_file.write_text('dataset = "tiny-imagenet"\nimage_size = 8\nholdout_per_class = 1\n')
+    ctx = open_context(load_task(str(task_file)), str(tmp_path / "data"), "cpu", tmp_path / "cache")
+    released = tmp_path / "released"
+    for k, wnid in enumerate(sorted(tiny_wnids())):  # what the release's folder k depicts
+        write_image(released / f"new{k:03d}" / "class_image.png", class_colour(tiny_wnids().index(wnid)), (8, 8))
+    bank, manifest = load_distilled(ctx, released)
+    assert manifest["method"] == "external" and list(bank.labels) == list(range(200))
+    test = ctx.source("test")
+    for k in range(200):
+        real = test.images[test.labels == k]
+        assert len(real) == 1  # one val image per class in the fixture
+        # The released image of class k has the colour of the real test images of class k.
+        assert torch.allclose(bank.images[k].float().mean((1, 2)), real[0].float().mean((1, 2)), atol=JPEG_TOLERANCE)
+    assert with_holdout(ctx.task) is ctx.task
+
+
+# ------------------------------------------------------- normalisation table
+DATASET_TABLE_HEADING = "## Datasets: class order and normalisation"
+
+
+def _read_dataset_table() -> dict[str, dict]:
+    """The rows of the table under DATASET_TABLE_HEADING in docs/methods.md, by dataset name."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert DATASET_TABLE_HEADING in text, f"docs/methods.md lacks the section {DATASET_TABLE_HEADING!r}"
+    section = text.split(DATASET_TABLE_HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    table = {}
+    for line in rows[2:]:  # rows[1] is the |---| separator
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        table[cells["dataset"].strip("`")] = cells
+    return table
+
+
+def _numbers(cell: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in cell.strip("()").split(","))
+
+
+def test_docs_dataset_table_matches_the_registry():
+    table = _read_dataset_table()
+    assert sorted(table) == sorted(DATASETS)
+    for name, spec in DATASETS.items():
+        row = table[name]
+        assert _numbers(row["mean"]) == spec.mean, name
+        assert _numbers(row["std"]) == spec.std, name
+        assert int(row["working size"].split()[0]) == spec.image_size, name
+        assert row["class order"], name
+
+
+def test_cifar_normalisation_is_the_official_scripts():
+    # SRe2L's squeeze/recover/relabel CIFAR scripts (and the kuangliu/pytorch-cifar CIFAR-10
+    # recipe they adapt) normalise with these constants; recover's start noise, clamp box and
+    # step size are in that space.
+    for name in ("cifar10", "cifar100"):
+        assert DATASETS[name].mean == (0.4914, 0.4822, 0.4465)
+        assert DATASETS[name].std == (0.2023, 0.1994, 0.2010)
+    assert DATASETS["tiny-imagenet"].mean == (0.4802, 0.4481, 0.3975)
+    assert DATASETS["tiny-imagenet"].std == (0.2302, 0.2265, 0.2262)
+
+
+# ------------------------------------------------ reading data never runs code
+def test_cifar_fixture_is_in_the_official_pickle_format(tmp_path):
+    """The fixture's files are what the official (Python 2 cPickle) files hold: protocol 2,
+    strings as Python 2 str, arrays by numpy.core.multiarray._reconstruct; no other global."""
+    import pickletools
+
+    root = make_cifar10(tmp_path, per_class=1)
+    raw = (root / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    ops = list(pickletools.genops(raw))
+    assert ops[0][0].name == "PROTO" and ops[0][1] == 2
+    globals_named = {arg for op, arg, _ in ops if op.name == "GLOBAL"}
+    assert globals_named == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    assert not any(op.name in ("BINUNICODE", "SHORT_BINUNICODE", "BINBYTES") for op, _, _ in ops)
+
+
+class _Payload:
+    """Unpickling this calls `call(*args)`: how a crafted pickle runs code."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("file_name", ["data_batch_1", "batches.meta"])
+@pytest.mark.parametrize("how", ["os.system", "open"])
+def test_malicious_cifar_pickle_is_refused_and_never_runs(tmp_path, file_name, how):
+    import os
+    import pickle
+
+    root = make_cifar10(tmp_path / "data", per_class=1)
+    marker = tmp_path / "pwned"
+    payload = _Payload(os.system, f"touch {marker}") if how == "os.system" else _Payload(open, str(marker), "w")
+    path = root / "cifar-10-batches-py" / file_name
+    with open(path, "wb") as f:
+        pickle.dump({"data": payload, "labels": [0], "label_names": payload}, f, protocol=2)
+    with pytest.raises(DataError) as info:
+        create_dataset("cifar10", root)
+    message = " ".join(str(info.value).split())
+    assert str(path) in message and "refused" in message and "re-extract the official archive" in message
+    assert ("system" if how == "os.system" else "open") in message
+    assert not marker.exists()  # the call never ran
+
+
+# ------------------------------------------------ held-out size from the command line
+def test_holdout_shortage_names_the_command_line_options():
+    with pytest.raises(DataError) as info:
+        stratified_holdout(np.array([0, 0, 0, 1, 1]), per_class=2)
+    message = str(info.value)
+    assert "class 1 has only 2 images" in message
+    assert "--holdout-per-class" in message and "--holdout-fraction" in message
+
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str]:
+    from cdabench.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())  # rich wraps long lines
+
+
+def test_holdout_options_take_effect_from_the_command_line(capsys, tmp_path):
+    make_tiny_imagenet(tmp_path / "data", per_class=3, val_per_class=1)
+    task = tmp_path / "tiny8.toml"  # the shipped task's split: 10 held-out images per class
+    task.write_text('dataset = "tiny-imagenet"\nimage_size = 8\nholdout_per_class = 10\n')
+    common = ["distill", "--task", str(task), "--data-root", str(tmp_path / "data"), "--method", "random",
+              "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+
+    code, text = _cli(capsys, [*common, "--ipc", "1", "--out", str(tmp_path / "a")])
+    assert code == 2 and "has only 3 images" in text
+    assert "--holdout-per-class N" in text and "--holdout-fraction F" in text
+
+    # 2 held out of 3 leaves 1 fit image per class; round(0.5 * 3) = 2 likewise.
+    for option in (["--holdout-per-class", "2"], ["--holdout-fraction", "0.5"]):
+        code, text = _cli(capsys, [*common, *option, "--ipc", "2", "--out", str(tmp_path / "b")])
+        assert code == 2 and "IPC 2 is larger than class" in text and "(1 real training images" in text, option
+
+    code, _ = _cli(capsys, [*common, "--holdout-per-class", "1", "--ipc", "2", "--out", str(tmp_path / "c")])
+    assert code == 0
+    import json
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert len(manifest["selection"]) == 200 and all(len(v) == 2 for v in manifest["selection"].values())
+    # The same --out with another split is another distillation: refused, naming the split.
+    code, text = _cli(capsys, [*common, "--holdout-fraction", "0.34", "--ipc", "2", "--out", str(tmp_path / "c")])
+    assert code == 2 and "differs in: split" in text
+
+    with pytest.raises(SystemExit):  # one or the other
+        _cli(capsys, [*common, "--holdout-per-class", "1", "--holdout-fraction", "0.5", "--out", str(tmp_path / "d")])
+
+
+@pytest.mark.parametrize("command", [["distill", "--out", "x"], ["evaluate", "--data", "d", "--out", "x"],
+                                     ["run", "--suite", "s"], ["check", "--suite", "s"]])
+def test_every_command_that_opens_a_task_takes_the_holdout_options(command):
+    from cdabench.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--holdout-per-class", "3"])
+    assert (args.holdout_per_class, args.holdout_fraction) == (3, None)
+    args = build_parser().parse_args([*command, "--holdout-fraction", "0.25"])
+    assert (args.holdout_per_class, args.holdout_fraction) == (None, 0.25)
+
+
+def test_with_holdout_replaces_the_split_and_enters_the_cell_keys():
+    from cdabench.config import ConfigError, load_task, split_settings, with_holdout
+    from cdabench.suite import Cell, cell_key
+
+    task = load_task("tiny-imagenet")
+    assert with_holdout(task) is task
+    changed = with_holdout(task, per_class=2)
+    assert (changed.holdout_per_class, changed.holdout_fraction) == (2, None)
+    by_fraction = with_holdout(task, fraction=0.1)
+    assert (by_fraction.holdout_per_class, by_fraction.holdout_fraction) == (None, 0.1)
+    for bad in ({"per_class": 0}, {"fraction": 1.0}, {"per_class": 1, "fraction": 0.5}):
+        with pytest.raises(ConfigError, match="--holdout"):
+            with_holdout(task, **bad)
+    cell = Cell(task.name, "full", None, "resnet18", "hard", 0)
+    keys = {cell_key(cell, "same-images", {}, None, split_settings(t)) for t in (task, changed, by_fraction)}
+    assert len(keys) == 3  # a full set's images hash is the data's: the split must enter the key

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdabench import artifacts, progress, records
-from cdabench.config import ConfigError, _read_toml, build, load_method, load_task
+from cdabench.config import ConfigError, _read_toml, build, load_method, load_task, split_settings, with_holdout
 from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name
 from cdabench.continual.scenario import class_order
 from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, SequentialSettings, check_strategy,
@@ -197,15 +197,18 @@ def _eval_config(ctx, suite: ContinualSuite, cell: ContinualCell, mem_size: int)
 
 
 def cell_key(cell: ContinualCell, dataset: str, scenario: dict, images_hash: str | None, eval_config: dict,
-             teacher_hash: str | None) -> str:
+             teacher_hash: str | None, split: dict) -> str:
     return artifacts.hash_config({"cell": dataclasses.asdict(cell), "dataset": dataset, "scenario": scenario,
-                                  "images": images_hash, "eval": eval_config, "teacher": teacher_hash})
+                                  "split": split, "images": images_hash, "eval": eval_config,
+                                  "teacher": teacher_hash})
 
 
 def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None, device: str = "auto",
                   cache: str | None = None, command: str = "", stop_after: int | None = None,
-                  precision: str | None = None) -> list[dict]:
-    """Run every unfinished cell; returns the suite's records (old and new)."""
+                  precision: str | None = None,
+                  holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
+    """Run every unfinished cell; returns the suite's records (old and new). `holdout`: the
+    command line's (--holdout-per-class, --holdout-fraction)."""
     from cdabench.continual.memory import load_memory
     from cdabench.continual.scenario import scenario_for
     from cdabench.distill.context import open_context
@@ -214,7 +217,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     from cdabench.suite import distill_key, distill_seed
 
     validate(suite)
-    task = load_task(suite.task)
+    task = with_holdout(load_task(suite.task), *holdout)
     ipc = suite_ipc(suite, task)
     ctx = open_context(task, data_root, device, cache, precision)
     check_data(ctx, suite, ipc)
@@ -255,7 +258,8 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
             eval_config = _eval_config(ctx, suite, cell, mem_size)
             teacher_hash = teacher().hash if cell.protocol == "retrain" else None
             composition = {k: v for k, v in sc.composition().items() if k != "step_class_names"}
-            key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash)
+            key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash,
+                           split_settings(task))
             if key in done:
                 results.append(done[key])
                 bar.advance(1, cell.name)

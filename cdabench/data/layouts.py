@@ -95,13 +95,39 @@ CIFAR100 = CifarFormat(
 )
 
 
+# Every global an official CIFAR pickle names: numpy's array reconstruction (its module is
+# numpy.core in the files, numpy._core in pickles written by numpy >= 2), ndarray and dtype.
+_NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.empty(0))[0]
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's pickles without running code: a pickle can call any importable function
+    (os.system, open, ...), so only the numpy array types those files hold may be named."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return CIFAR_PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}, which no official CIFAR file holds (allowed: numpy arrays "
+                "and dtypes); refused without running it"
+            ) from None
+
+
 def _unpickle(path: Path, spec: "DatasetSpec") -> dict:
     # The official CIFAR release is a set of Python pickles; latin1 is how
     # Python 3 reads their Python 2 strings (the same as torchvision).
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError, ImportError) as exc:
+            raw = CifarUnpickler(f, encoding="latin1").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError, ImportError,
+            TypeError, IndexError, KeyError) as exc:
         raise layout_error(
             spec, f"cannot read {path} ({type(exc).__name__}: {exc}); re-extract the official archive"
         ) from exc
@@ -275,10 +301,14 @@ def load_tiny_imagenet(root: Path | None, spec: "DatasetSpec", image_size: int) 
     )
     if base is None:
         raise layout_error(spec, f"no tiny-imagenet-200/wnids.txt (or wnids.txt) found in {root}")
-    wnids = [line.strip() for line in (base / "wnids.txt").read_text().splitlines() if line.strip()]
-    if len(set(wnids)) != len(wnids) or not wnids:
+    listed = [line.strip() for line in (base / "wnids.txt").read_text().splitlines() if line.strip()]
+    if len(set(listed)) != len(listed) or not listed:
         raise layout_error(spec, f"{base / 'wnids.txt'} is empty or lists a wnid twice")
-    label_of = {wnid: i for i, wnid in enumerate(wnids)}  # class order = file order
+    # Class order = sorted wnids, the field's convention (torchvision ImageFolder over train/, the
+    # official Tiny training code, SRe2L/CDA, RDED); the archive's wnids.txt is not sorted, and
+    # its line order would map an official teacher or released set onto the wrong classes.
+    wnids = sorted(listed)
+    label_of = {wnid: i for i, wnid in enumerate(wnids)}
     # Stored images are 64 px; decode at the working size when another was asked for.
     resize_to = None if image_size == TINY_NATIVE_SIZE else image_size
 

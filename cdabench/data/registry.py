@@ -15,6 +15,12 @@ from .images import ImageSplit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The constants of the official SRe2L CIFAR-100 scripts (squeeze_cifar.py, recover, relabel),
+# copied from kuangliu/pytorch-cifar's CIFAR-10 recipe, which SRe2L adapted: CIFAR-10's train
+# mean with that recipe's std (CIFAR-10's pixel std is 0.2470, 0.2435, 0.2616). Recover works in the
+# normalised space, so these set its start noise, clamp box and step size: use them for both.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,8 @@ DATASETS: dict[str, DatasetSpec] = {
             ),
             image_size=32,
             channels=3,
-            mean=(0.4914, 0.4822, 0.4465),
-            std=(0.2470, 0.2435, 0.2616),
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
             fixed_size=True,
             needs_root=True,
             loader=layouts.load_cifar10,
@@ -117,8 +123,8 @@ DATASETS: dict[str, DatasetSpec] = {
             ),
             image_size=32,
             channels=3,
-            mean=(0.5071, 0.4865, 0.4409),
-            std=(0.2673, 0.2564, 0.2762),
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
             fixed_size=True,
             needs_root=True,
             loader=layouts.load_cifar100,
@@ -157,7 +163,8 @@ DATASETS: dict[str, DatasetSpec] = {
             name="tiny-imagenet",
             layout=(
                 "<root>/tiny-imagenet-200/ (or --data-root pointing at that folder) as extracted from "
-                "tiny-imagenet-200.zip: wnids.txt (the 200 wnids; its order is the class order), "
+                "tiny-imagenet-200.zip: wnids.txt (the 200 wnids; classes are numbered in sorted wnid order, not "
+                "the file's line order), "
                 "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
                 "(tab-separated: filename, wnid, bounding box)"
             ),

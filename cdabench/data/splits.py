@@ -45,8 +45,10 @@ def stratified_holdout(
         needed = per_class + 1 if per_class is not None else 2
         if len(members) < needed:
             raise DataError(
-                f"class {label} has only {len(members)} images but the holdout needs at least {needed} "
-                "(one must stay in the fit part); lower per_class / fraction or use more data"
+                f"class {label} has only {len(members)} images but the held-out split needs at least {needed} "
+                "(one must stay in the fit part); set a smaller held-out split with --holdout-per-class N "
+                "(N < the smallest class) or --holdout-fraction F (the task file's holdout_per_class / "
+                "holdout_fraction), or use more data"
             )
         count = _heldout_count(len(members), per_class, fraction)
         shuffled = rng.permutation(members)

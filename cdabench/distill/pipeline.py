@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cdabench import artifacts, progress, records
-from cdabench.config import ConfigError, load_method, recover_config
+from cdabench.config import ConfigError, load_method, recover_config, split_settings
 from cdabench.data import DataError, load_imagefolder
 from cdabench.distill.context import Context, check_ipc, eval_transform
 from cdabench.distill.labels import HardLabels, LabelStoreConfig, OnlineKD, StoredLabels, build_label_store
@@ -65,7 +65,8 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
         teacher = get_teacher(ctx, teacher_path)
     rconfig = recover_config(ctx.task, method) if synthetic else None
     folders = class_folders(ctx.classes)
-    run_config = {"task": ctx.task.name, "dataset": ctx.data.fingerprint(), "method": method.name,
+    run_config = {"task": ctx.task.name, "dataset": ctx.data.fingerprint(), "split": split_settings(ctx.task),
+                  "method": method.name,
                   "ipc": None if full else ipc, "seed": seed, "classes": ctx.classes, "image_size": ctx.image_size,
                   "teacher": teacher.hash if teacher else None,
                   "recover": rconfig.to_dict() if rconfig else None, "strategy": method.strategy or None}
