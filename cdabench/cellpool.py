@@ -11,11 +11,15 @@ import multiprocessing
 import shutil
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cdabench.config import Task
 
 _STATE: dict = {}
 
 
-def _init_worker(task: str, data_root: str | None, device: str, cache: str | None, threads: int,
+def _init_worker(task: Task, data_root: str | None, device: str, cache: str | None, threads: int,
                  precision: str) -> None:
     import signal
 
@@ -42,10 +46,12 @@ def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: s
                     teacher=_STATE["teacher"], extra=extra)
 
 
-def evaluate_cells(jobs: list[dict], workers: int, threads: int, task, data_root: str | None, device: str,
+def evaluate_cells(jobs: list[dict], workers: int, threads: int, task: Task, data_root: str | None, device: str,
                    cache: str | None, scratch_root: Path, precision: str = "fp32"):
     """Yield (job, record) as cells finish. `jobs`: keyword arguments of `_evaluate_cell` minus
-    `scratch`; `task`: the parent's Task (command-line overrides included). Stops submitting when the caller stops iterating (the pool is shut down)."""
+    `scratch`; `task`: the parent's Task, command-line overrides included (a worker that reloaded
+    the task file would lose them). Stops submitting when the caller stops iterating (the pool is
+    shut down)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                initargs=(task, data_root, device, cache, threads, precision))
