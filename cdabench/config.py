@@ -71,6 +71,9 @@ class TrainRecipe:
     schedule: str = "cosine"            # cosine (per step, to 0) | constant
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     patch_size: int | None = None       # ViTs only: the patch size (None: the registry's choice for the size)
+    # ResNets only: zero-initialise the last BN gamma of every block (torchvision's option of this
+    # name). Off = torchvision's default init, the official models'; the digits tasks turn it on.
+    zero_init_residual: bool = False
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):

@@ -49,13 +49,14 @@ def _small_resnet(model: nn.Module, in_chans: int, image_size: int) -> nn.Module
     return model
 
 
-def _resnet(timm_name, num_classes, in_chans, image_size):
+def _resnet(timm_name, num_classes, in_chans, image_size, zero_init_residual=False):
     # torchvision's initialisation, as the official teachers and students have: Kaiming-normal
-    # convolutions, BN gamma 1 everywhere (timm's default zero-initialises the last BN gamma of
-    # every block, a different starting point). timm's ResNet keys equal torchvision's, so a
-    # `torchvision.models.resnet18` state dict loads as it is.
+    # convolutions, BN gamma 1 everywhere. `zero_init_residual` (torchvision's option of the same
+    # name; timm's default) zero-initialises the last BN gamma of every block instead: a recipe
+    # choice for short schedules (the embedded digits tasks), never the papers'. timm's ResNet keys
+    # equal torchvision's, so a `torchvision.models.resnet18` state dict loads as it is.
     model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                              zero_init_last=False)
+                              zero_init_last=zero_init_residual)
     return _small_resnet(model, in_chans, image_size)
 
 
@@ -122,23 +123,34 @@ def _check_patch(name: str, patch_size: int | None) -> None:
         raise ValueError(f"patch_size is set for {name!r}, which has no patches; only {', '.join(PATCH_MODELS)} take it")
 
 
+RESNETS = ("resnet18", "resnet50", "resnet101")  # the entries that take `zero_init_residual`
+
+
 def create_model(name: str, num_classes: int, in_chans: int, image_size: int,
-                 patch_size: int | None = None) -> nn.Module:
-    """A fresh, randomly initialised model (seed torch before calling for a reproducible init)."""
+                 patch_size: int | None = None, zero_init_residual: bool = False) -> nn.Module:
+    """A fresh, randomly initialised model (seed torch before calling for a reproducible init).
+    `zero_init_residual` applies to our ResNets only; other models keep their own initialisation."""
     check_model_name(name)
     _check_patch(name, patch_size)
     entry = MODELS.get(name)
     if entry is not None:
         if patch_size is not None:
             return entry.build(entry.timm_name, num_classes, in_chans, image_size, patch_size=patch_size)
+        if name in RESNETS:
+            return entry.build(entry.timm_name, num_classes, in_chans, image_size, zero_init_residual=zero_init_residual)
         return entry.build(entry.timm_name, num_classes, in_chans, image_size)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
-def describe_adaptation(name: str, image_size: int, patch_size: int | None = None) -> str:
+def describe_adaptation(name: str, image_size: int, patch_size: int | None = None,
+                        zero_init_residual: bool = False) -> str:
     entry = MODELS.get(name)
     if entry is None:
         return f"timm {name}, unmodified"
+    if name in RESNETS:
+        init = ", zero-init residual BN" if zero_init_residual else ", torchvision init"
+        stem = "stock stem" if image_size > SMALL_IMAGE_MAX else "3x3 stride-1 stem, no max-pool"
+        return f"{entry.timm_name}, {stem}{init}"
     if name == "deit_tiny":
         return f"{entry.timm_name}, img_size {image_size}, patch {patch_size or deit_patch_size(image_size)}"
     if image_size > SMALL_IMAGE_MAX:

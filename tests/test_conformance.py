@@ -176,6 +176,11 @@ def test_resnets_have_torchvisions_initialisation():
             fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
             expected = math.sqrt(2.0 / fan_out)
             assert ours_convs[name].std().item() == pytest.approx(expected, rel=0.15), name
+    for task in PAPERS_TASKS:   # the papers' recipes keep it; only our digits tasks opt out
+        recipes = (load_task(task).teacher, load_task(task).posttrain.recipe)
+        assert not any(r.zero_init_residual for r in recipes), task
+    zero = create_model("resnet18", 10, 3, 32, zero_init_residual=True)
+    assert all(float(block.bn2.weight.abs().sum()) == 0 for layer in (zero.layer1, zero.layer4) for block in layer)
 
 
 @pytest.mark.parametrize("size", [64, 224])

@@ -79,11 +79,12 @@ class Context:
     def new_model(self, recipe: TrainRecipe) -> torch.nn.Module:
         """A fresh model of `recipe.model` for this task's classes, channels and size (with the
         recipe's patch size); seed torch before calling for a reproducible init."""
-        return create_model(recipe.model, self.num_classes, self.shape[0], self.image_size, recipe.patch_size)
+        return create_model(recipe.model, self.num_classes, self.shape[0], self.image_size, recipe.patch_size,
+                            recipe.zero_init_residual)
 
     def adaptation(self, recipe: TrainRecipe) -> str:
         """How `new_model(recipe)` departs from the stock architecture (recorded with results)."""
-        return describe_adaptation(recipe.model, self.image_size, recipe.patch_size)
+        return describe_adaptation(recipe.model, self.image_size, recipe.patch_size, recipe.zero_init_residual)
 
     def normalizer(self) -> Normalizer:
         return Normalizer(self.mean, self.std, self.device)
