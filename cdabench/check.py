@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from cdabench import stats
+from cdabench import packaged, stats
 
 FIELDS = ("task", "method", "ipc", "student", "labels", "target_top1", "tolerance")
 
@@ -42,11 +43,18 @@ class CellStatus:
         return self.status != "ok"
 
 
-def read_targets(path: Path) -> list[Target]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no targets file at {path}: generate one with `cdabench check --write-targets`")
-    with open(path, newline="") as fh:
+def packaged_targets() -> Traversable:
+    """The committed targets that ship with the package (cdabench/builtin/leaderboards/targets.csv)."""
+    return packaged.builtin("leaderboards", "targets.csv")
+
+
+def read_targets(path: Path | Traversable | str | None = None) -> list[Target]:
+    """The targets in `path` (a user's CSV), or the packaged ones when no path is given."""
+    path = packaged_targets() if path is None else path
+    path = Path(path) if isinstance(path, str) else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no targets file at {path}: write one with check.write_targets from a run's records")
+    with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [f for f in FIELDS if f not in (reader.fieldnames or [])]
         if missing:

@@ -9,7 +9,7 @@ from cdabench import progress
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="digits", help="task name (tasks/<name>.toml) or path of a task .toml")
+    p.add_argument("--task", default="digits", help="task name (`cdabench list`) or path of a task .toml")
     p.add_argument("--data-root", default=None, help="local root of the dataset in its official layout")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="run a suite and compare its cells with committed targets")
     _suite_args(c)
     c.add_argument("--out", default=None, help="run folder (default runs/<suite>)")
-    c.add_argument("--targets", default="leaderboards/targets.csv")
+    c.add_argument("--targets", default=None,
+                   help="targets CSV (default: the committed targets shipped with the package)")
     c.add_argument("--records", default=None, help="compare the records in this folder instead of running the suite")
 
     lb = sub.add_parser("leaderboard", help="Markdown/CSV/PNG leaderboards from records")
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _suite_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", required=True, help="suite name (suites/<name>.toml) or path")
+    p.add_argument("--suite", required=True, help="suite name (`cdabench list`) or path of a suite .toml")
     p.add_argument("--task", default=None, help="override the suite's task")
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--ipc", nargs="+", type=int, default=None)
@@ -166,7 +167,7 @@ def _run_or_check(args, command: str) -> int:
     if args.command == "run":
         return 0
     from cdabench.check import compare, read_targets
-    statuses = compare(results, read_targets(Path(args.targets)))
+    statuses = compare(results, read_targets(args.targets))
     for s in statuses:
         t = s.target
         measured = "missing" if s.measured is None else f"{s.measured:.2f}"

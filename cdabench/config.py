@@ -1,17 +1,20 @@
 """Task and method configuration: dataclasses loaded from TOML and validated once, at the edge.
 
-A task (tasks/<name>.toml) is a dataset + splits, a teacher recipe, the recover settings per
-method, the IPC values and the post-train protocol. A method is `cda` (built in) or an entry of
-baselines/<name>.toml. Unknown keys are errors that list the known ones.
+A task (cdabench/builtin/tasks/<name>.toml, or any task file passed by path) is a dataset + splits,
+a teacher recipe, the recover settings per method, the IPC values and the post-train protocol. A
+method is `cda` (built in) or a baseline (cdabench/builtin/baselines/<name>.toml, or a path).
+Unknown keys are errors that list the known ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from cdabench import packaged
 from cdabench.augment import AugmentSpec
 from cdabench.distill.crop_schedule import CropSchedule
 from cdabench.distill.recover import RecoverConfig
@@ -20,10 +23,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-ROOT = Path(__file__).resolve().parents[1]
-TASKS_DIR = ROOT / "tasks"
-BASELINES_DIR = ROOT / "baselines"
 
 
 class ConfigError(ValueError):
@@ -219,29 +218,50 @@ def method_uses_seed(method: Method) -> bool:
     return not (method.kind == "select" and method.strategy in ("herding", "full"))
 
 
-def _read_toml(path: Path) -> dict:
+def read_toml(path: Path | Traversable) -> dict:
+    """A TOML file as a dict; a syntax error names the file."""
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
+_NOUNS = {"tasks": "task", "baselines": "method", "suites": "suite"}
+
+
+def locate(kind: str, name_or_path: str) -> Path | Traversable:
+    """A packaged file by name (cdabench/builtin/<kind>/<name>.toml) or a user's own file by the
+    path of a .toml file; an unknown name lists the known ones."""
+    noun = _NOUNS[kind]
+    if str(name_or_path).endswith(".toml"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"no {noun} file at {path}: pass a {noun} name or the path of an existing .toml file")
+        return path
+    path = packaged.builtin(kind, f"{name_or_path}.toml")
+    if not path.is_file():
+        known = ["cda", *packaged.names(kind)] if kind == "baselines" else packaged.names(kind)
+        raise ConfigError(f"unknown {noun} {name_or_path!r}: known {noun}s are {', '.join(sorted(known))} "
+                          f"(or pass the path of a {noun} .toml file)")
+    return path
+
+
+def load_named(kind: str, cls, name_or_path: str):
+    """Build dataclass `cls` from a packaged or user TOML file; `name` defaults to the file's stem
+    and `path` records where it came from."""
+    path = locate(kind, name_or_path)
+    data = read_toml(path)
+    data.setdefault("name", path.name.removesuffix(".toml"))
+    return dataclasses.replace(build(cls, data, str(path)), path=str(path))
+
+
 def list_tasks() -> list[str]:
-    return sorted(p.stem for p in TASKS_DIR.glob("*.toml"))
+    return packaged.names("tasks")
 
 
 def load_task(name_or_path: str) -> Task:
-    """A task by name (tasks/<name>.toml) or by the path of a TOML file."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = TASKS_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise ConfigError(f"unknown task {name_or_path!r}: known tasks are {', '.join(list_tasks())} "
-                          "(or pass the path of a task .toml file)")
-    data = _read_toml(path)
-    data.setdefault("name", path.stem)
-    task = build(Task, data, str(path))
-    return dataclasses.replace(task, path=str(path))
+    """A task by name (cdabench/builtin/tasks/<name>.toml) or by the path of a TOML file."""
+    return load_named("tasks", Task, name_or_path)
 
 
 def with_holdout(task: Task, per_class: int | None = None, fraction: float | None = None) -> Task:
@@ -267,18 +287,14 @@ def split_settings(task: Task) -> dict:
 
 
 def list_methods() -> list[str]:
-    return sorted({"cda", *(p.stem for p in BASELINES_DIR.glob("*.toml"))})
+    return sorted({"cda", *packaged.names("baselines")})
 
 
-def load_method(name: str) -> Method:
-    if name == "cda":
+def load_method(name_or_path: str) -> Method:
+    """`cda`, a baseline by name (cdabench/builtin/baselines/<name>.toml) or by the path of a TOML file."""
+    if name_or_path == "cda":
         return CDA
-    path = BASELINES_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise ConfigError(f"unknown method {name!r}: known methods are {', '.join(list_methods())}")
-    data = _read_toml(path)
-    data.setdefault("name", name)
-    return dataclasses.replace(build(Method, data, str(path)), path=str(path))
+    return load_named("baselines", Method, name_or_path)
 
 
 def recover_config(task: Task, method: Method) -> RecoverConfig:

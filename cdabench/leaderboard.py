@@ -9,10 +9,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from cdabench import artifacts, records, report, stats
+from cdabench import artifacts, published, records, report, stats
 from cdabench.continual import report as continual_report
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "published.csv"
 CSV_COLUMNS = ("task", "dataset", "method", "ipc", "student", "labels", "label_protocol", "seed", "top1", "top5",
                "heldout_top1", "epochs", "num_images", "image_bytes", "label_bytes", "teacher_forwards",
                "seconds_total", "device", "cdabench", "torch", "timm", "record_hash", "command")
@@ -32,24 +31,6 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
 def _record_sort_key(r: dict):
     return (r["task"], r["method"], -1 if r["ipc"] is None else r["ipc"], r["student"], r["labels"], r["seed"],
             r["record_hash"])
-
-
-def read_published(path: Path = PUBLISHED) -> list[dict]:
-    with open(path, newline="") as fh:
-        return [dict(row, ipc=int(row["ipc"]), top1=float(row["top1"])) for row in csv.DictReader(fh)]
-
-
-def published_status(measured: list[float], published: float) -> str:
-    """reproduced: within 1 point (or better); within tolerance: within max(3, 2 std) points;
-    otherwise not reproduced; no record: not run."""
-    if not measured:
-        return "not run"
-    gap = stats.mean(measured) - published
-    if gap >= -1.0:
-        return "reproduced"
-    if gap >= -max(3.0, 2 * stats.std(measured)):
-        return "within tolerance"
-    return "not reproduced"
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -81,7 +62,7 @@ def _provenance(rows: list[dict]) -> dict:
             "devices": sorted({r["device"] for r in rows}), "commands": sorted({r.get("command", "") for r in rows})}
 
 
-def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], published: list[dict],
+def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], published_rows: list[dict],
               figures: list[str], extra: list[str] = (), provenance_rows: list[dict] | None = None) -> str:
     prov = _provenance(rows if provenance_rows is None else provenance_rows)
     lines = [f"# Leaderboard: {task}", "",
@@ -109,18 +90,18 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
             lines += ["Pairs: " + "; ".join(f"{a}–{b} {'n/a' if math.isnan(t) else f'{t:+.2f}'}"
                                              for (a, b), t in sorted(summary.tau_pairs.items())) + "."]
         lines.append("")
-    if published:
+    if published_rows:
         lines += ["## Published numbers (methods.md §6) beside ours", ""]
         by_cell = defaultdict(list)
         for r in rows:
             if r["labels"] == "soft" and r["ipc"] is not None:
                 by_cell[(r["dataset"], r["ipc"], r["method"], r["student"])].append(r["top1"])
         pub_rows = []
-        for p in published:
+        for p in published_rows:
             measured = by_cell.get((p["dataset"], p["ipc"], p["method"], p["student"]), [])
             pub_rows.append([str(p["ipc"]), p["method"], p["student"], f"{p['top1']:.1f}",
                              report.fmt(stats.mean(measured), report.spread(measured)) if measured else "–",
-                             published_status(measured, p["top1"]), p["source"]])
+                             published.status(measured, p["top1"]), p["source"]])
         lines += _md_table(["IPC", "method", "student", "published", "ours", "status", "source"], pub_rows) + [""]
     if figures:
         lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
@@ -139,8 +120,8 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
     by_task = defaultdict(list)
     for r in all_rows:
         by_task[r["task"]].append(r)
-    published = read_published()
-    published_continual = continual_report.read_published()
+    published_cross_arch = published.read_cross_arch()
+    published_continual = published.read_continual()
     written = []
     for task, rows in sorted(by_task.items()):
         cross = [r for r in rows if not r.get("continual")]
@@ -157,7 +138,7 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
             continual_figures = continual_report.draw(task, continual, out, _provenance(continual))
         section = continual_report.markdown_section(
             continual, [p for p in published_continual if p["dataset"] == dataset], continual_figures)
-        md = _markdown(task, cross, summaries, [p for p in published if p["dataset"] == dataset], figures,
+        md = _markdown(task, cross, summaries, [p for p in published_cross_arch if p["dataset"] == dataset], figures,
                        extra=section, provenance_rows=rows)
         for name, text in ((f"{task}.md", md), (f"{task}.csv", _csv_text(rows))):
             artifacts.atomic_write_bytes(out / name, text.encode())

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdabench import artifacts, progress, records
-from cdabench.config import (ROOT, ConfigError, _read_toml, build, load_method, load_task, method_uses_seed,
-                             split_settings, with_holdout)
+from cdabench import packaged
+from cdabench.config import (ConfigError, load_method, load_named, load_task, method_uses_seed, split_settings,
+                             with_holdout)
 from cdabench.models import MODELS
-
-SUITES_DIR = ROOT / "suites"
 
 
 @dataclass(frozen=True)
@@ -47,22 +46,11 @@ class Cell:
 
 
 def list_suites() -> list[str]:
-    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
-
-
-def suite_path(name: str) -> Path:
-    """suites/<name>.toml, or the path of a suite file; an unknown name lists the known suites."""
-    path = Path(name) if name.endswith(".toml") else SUITES_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise ConfigError(f"unknown suite {name!r}: known suites are {', '.join(list_suites())}")
-    return path
+    return packaged.names("suites")
 
 
 def load_suite(name: str) -> Suite:
-    path = suite_path(name)
-    data = _read_toml(path)
-    data.setdefault("name", path.stem)
-    return dataclasses.replace(build(Suite, data, str(path)), path=str(path))
+    return load_named("suites", Suite, name)
 
 
 def narrow(suite: Suite, task: str | None = None, ipcs=None, students=None, seeds=None, methods=None) -> Suite:

@@ -1,7 +1,7 @@
 """Shared fixtures: an isolated cache, a tiny BN CNN, and a session-scoped tiny digits task whose
 teacher is trained once and shared (through one cache folder) by every pipeline test.
 
-The tiny task is tasks/digits.toml (ResNet-18 at 8 px) shrunk for a 2-core CPU: teacher 3 epochs,
+The tiny task is cdabench/builtin/tasks/digits.toml (ResNet-18 at 8 px) shrunk for a 2-core CPU: teacher 3 epochs,
 recover 5 iterations, post-train 2 epochs, IPC 2. It is written as a TOML file so the CLI can
 load it by path; the Python API loads the same file.
 """
@@ -21,7 +21,7 @@ from cdabench import progress
 torch.set_num_threads(1)
 
 TINY_TASK_TOML = """\
-description = "tasks/digits.toml shrunk for the test suite"
+description = "cdabench/builtin/tasks/digits.toml shrunk for the test suite"
 dataset = "digits"
 image_size = 8
 ipcs = [2]

@@ -32,6 +32,7 @@ from cdabench.distill.labels import HardLabels
 from cdabench.distill.train import ImageBank, evaluate_model, train_model
 from cdabench.leaderboard import generate
 from cdabench.models import create_model
+from cdabench.published import read_continual
 from tests.fixtures import make_tiny_imagenet
 
 torch.set_num_threads(1)
@@ -364,7 +365,7 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
 
 
 def test_published_continual_numbers_are_shown_with_a_status():
-    published = report.read_published()
+    published = read_continual()
     assert [p["top1"] for p in published] == [45.6, 48.5, 49.4, 49.8, 49.9]
     lines = "\n".join(report.markdown_section([], published))
     assert lines.count("| not run |") == 5 and "| 5 | 200 | 49.9 |" in lines

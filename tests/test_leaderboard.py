@@ -11,7 +11,8 @@ from cdabench import records
 from cdabench.check import read_targets, write_targets
 from cdabench.cli import main
 from cdabench.config import ConfigError
-from cdabench.leaderboard import generate, published_status
+from cdabench.leaderboard import generate
+from cdabench.published import status as published_status
 from cdabench.suite import Cell, expand, load_suite, narrow, validate
 
 STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")

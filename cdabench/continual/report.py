@@ -3,7 +3,6 @@ and two PNGs per step count: accuracy vs number of classes seen (one line per me
 strategy) and the accuracy matrices. Deterministic: sorted rows, fixed formats, no clock."""
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +10,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from cdabench import stats
-
-PUBLISHED_CONTINUAL = Path(__file__).resolve().parents[2] / "leaderboards" / "published_continual.csv"
+from cdabench import published, stats
 
 
 @dataclass
@@ -142,26 +139,16 @@ def rich_table(records: list[dict]) -> list[Table]:
     return tables
 
 
-def read_published(path: Path = PUBLISHED_CONTINUAL) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as fh:
-        return [dict(row, steps=int(row["steps"]), ipc=int(row["ipc"]), step=int(row["step"]),
-                     classes_seen=int(row["classes_seen"]), top1=float(row["top1"]),
-                     masked=row["masked"].strip().lower() == "true") for row in csv.DictReader(fh)]
-
-
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def published_rows(records: list[dict], published: list[dict]) -> list[list[str]]:
+def published_rows(records: list[dict], published_table: list[dict]) -> list[list[str]]:
     """The published per-step numbers beside ours: the same dataset, steps, IPC, memory, student,
     protocol and masking (the papers' retrain is unmasked); our masked number alongside."""
-    from cdabench.leaderboard import published_status
     out = []
-    for p in published:
+    for p in published_table:
         def measured(masked: bool) -> list[float]:
             return [r["seen_accuracy"][p["step"] - 1] for r in records
                     if r.get("continual") and r["dataset"] == p["dataset"] and r["steps"] == p["steps"]
@@ -170,15 +157,15 @@ def published_rows(records: list[dict], published: list[dict]) -> list[list[str]
                     and len(r["seen_accuracy"]) >= p["step"]]
         same, masked = measured(p["masked"]), measured(not p["masked"])
         out.append([str(p["step"]), str(p["classes_seen"]), f"{p['top1']:.1f}",
-                    _fmt(stats.mean(same), stats.std(same)) if same else "–", published_status(same, p["top1"]),
+                    _fmt(stats.mean(same), stats.std(same)) if same else "–", published.status(same, p["top1"]),
                     _fmt(stats.mean(masked), stats.std(masked)) if masked else "–", p["source"]])
     return out
 
 
-def markdown_section(records: list[dict], published: list[dict], figures: list[str] = ()) -> list[str]:
+def markdown_section(records: list[dict], published_table: list[dict], figures: list[str] = ()) -> list[str]:
     """The leaderboard's continual section (empty when there is nothing to show)."""
     rows = group(records)
-    if not rows and not published:
+    if not rows and not published_table:
         return []
     lines = ["## Continual learning (class-incremental)", "",
              "Top-1 (%) on the real test images, mean ± std over seeds. **retrain** (the SRe²L/CDA protocol): a "
@@ -204,8 +191,8 @@ def markdown_section(records: list[dict], published: list[dict], figures: list[s
                             "memory bytes (images + labels)", "seeds"], table)
         orders = sorted({tuple(r["class_order"]) for row in group_rows for r in row.records})
         lines += ["", "Class orders (by seed): " + "; ".join(" ".join(map(str, o)) for o in orders) + ".", ""]
-    if published:
-        first = published[0]
+    if published_table:
+        first = published_table[0]
         lines += [f"### Published continual numbers ({first['method']} {first['protocol']}, {first['dataset']}, "
                   f"{first['steps']} steps, IPC {first['ipc']}) beside ours", "",
                   "The papers' protocol is unmasked; our masked number is shown beside it. Not the same "
@@ -215,7 +202,7 @@ def markdown_section(records: list[dict], published: list[dict], figures: list[s
                   "Tiny-ImageNet) with the teacher in eval mode. Its class order is reproduced by the suite "
                   "setting `class_order = \"sre2l-cl\"` (docs/continual.md).", ""]
         lines += _md_table(["step", "classes seen", "published", "ours (same protocol)", "status", "ours (masked)",
-                            "source"], published_rows(records, published)) + [""]
+                            "source"], published_rows(records, published_table)) + [""]
     if figures:
         lines += [f"![{name}]({name})" for name in figures] + [""]
     return lines

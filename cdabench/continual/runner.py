@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdabench import artifacts, progress, records
-from cdabench.config import ConfigError, _read_toml, build, load_method, load_task, split_settings, with_holdout
+from cdabench.config import (ConfigError, build, load_method, load_task, locate, read_toml, split_settings,
+                             with_holdout)
 from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name
 from cdabench.continual.scenario import class_order
 from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, SequentialSettings, check_strategy,
@@ -66,19 +67,17 @@ class ContinualCell:
 
 def is_continual_suite(name: str) -> bool:
     """A suite is continual when its TOML says `kind = "continual"` (or it is named continual)."""
-    from cdabench.suite import suite_path
     try:
-        path = suite_path(name)
+        path = locate("suites", name)
     except ConfigError:
         return False
-    return _read_toml(path).get("kind") == KIND or path.stem == KIND
+    return read_toml(path).get("kind") == KIND or path.name == f"{KIND}.toml"
 
 
 def load_continual_suite(name: str) -> ContinualSuite:
-    from cdabench.suite import suite_path
-    path = suite_path(name)
-    data = _read_toml(path)
-    data.setdefault("name", path.stem)
+    path = locate("suites", name)
+    data = read_toml(path)
+    data.setdefault("name", path.name.removesuffix(".toml"))
     sequential = build(SequentialSettings, data.pop("sequential", {}), f"{path} [sequential]")
     suite = build(ContinualSuite, data, str(path))
     return dataclasses.replace(suite, sequential=sequential, path=str(path))

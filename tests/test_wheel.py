@@ -1,0 +1,102 @@
+"""The package as a user gets it: a wheel built from this tree, installed (not editable) into a
+fresh virtual environment, run from an empty folder. The packaged tasks, baselines, suites and
+targets must be found there, with no source checkout in sight.
+
+The fresh environment borrows the running interpreter's site-packages through a .pth file
+(torch, timm and Avalanche are gigabytes; reinstalling them proves nothing about cdabench), and
+the wheel goes in with --no-deps --no-index, so nothing is downloaded."""
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_TASK_TOML
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_SUITE = """\
+description = "random real images on the tiny digits task, one student, one seed"
+task = "{task}"
+methods = ["random"]
+students = ["resnet18"]
+labels = ["hard"]
+seeds = [0]
+"""
+
+
+def _run(args: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _build_wheel(tmp_path: Path) -> Path:
+    """A wheel of a clean copy of the tree (the build leaves build/ and *.egg-info behind, not in the checkout)."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "cdabench", source / "cdabench", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    done = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                 "-q", "-w", tmp_path / "dist", source], tmp_path, dict(os.environ))
+    assert done.returncode == 0, done.stdout + done.stderr
+    (wheel,) = (tmp_path / "dist").glob("cdabench-*.whl")
+    return wheel
+
+
+def _fresh_venv(tmp_path: Path, wheel: Path) -> Path:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    venv_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    # The borrowed site-packages come after the venv's own, so the wheel's cdabench wins over any
+    # (editable) cdabench installed there; .pth files inside a borrowed folder are not run.
+    (venv_site / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    done = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
+                tmp_path, dict(os.environ))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return venv
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_lists_and_runs_a_suite_from_an_empty_folder(tmp_path):
+    wheel = _build_wheel(tmp_path)
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("tasks/digits.toml", "baselines/sre2l.toml", "suites/smoke.toml", "leaderboards/targets.csv",
+                 "leaderboards/published.csv", "leaderboards/published_continual.csv"):
+        assert f"cdabench/builtin/{name}" in shipped, f"{name} is not in the wheel"
+    venv = _fresh_venv(tmp_path, wheel)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MPLCONFIGDIR=str(tmp_path / "mpl"))
+    where = _run([venv / "bin" / "python", "-c", "import cdabench; print(cdabench.__file__)"], empty, env)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
+
+    listed = _run([venv / "bin" / "cdabench", "list"], empty, env)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1] for line in listed.stdout.splitlines()}
+    assert {"digits", "digits-smoke", "tiny-imagenet", "imagenet-1k"} <= {t.strip() for t in lines["tasks"].split(",")}
+    assert {"cda", "sre2l", "random", "herding", "full", "noise"} <= {m.strip() for m in lines["methods"].split(",")}
+    assert {"smoke", "cross-arch", "continual"} <= {s.strip() for s in lines["suites"].split(",")}
+
+    # A user's own task and suite, passed by path, from a folder that holds nothing else.
+    task = empty / "tiny.toml"
+    task.write_text(TINY_TASK_TOML)
+    suite = empty / "tiny-suite.toml"
+    suite.write_text(TINY_SUITE.format(task=task))
+    ran = _run([venv / "bin" / "cdabench", "run", "--suite", suite, "--out", "run", "--device", "cpu",
+                "--workers", "1", "--quiet"], empty, env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert len((empty / "run" / "records.jsonl").read_text().splitlines()) == 1
+
+    # `check` with no --targets reads the packaged targets (the smoke suite's cells, absent here).
+    checked = _run([venv / "bin" / "cdabench", "check", "--suite", suite, "--records", "run"], empty, env)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "MISSING   digits-smoke cda ipc10 resnet18 soft" in checked.stdout
