@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cdabench.schema import AugmentSpec
+
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
@@ -79,28 +81,6 @@ def sample_cutmix_box(rng: np.random.Generator, height: int, width: int, lam: fl
     y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
     x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
     return y1, x1, y2 - y1, x2 - x1
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """What a training batch goes through: crop, flip, then optional batch mixing.
-
-    crop: "rrc" (RandomResizedCrop with scale (min_scale, 1)), "pad" (RandomCrop with zero
-    padding `pad`, the CIFAR recipe) or "none". mix: "none", "cutmix" (Beta(alpha, alpha), p=1)
-    or "mixup"."""
-
-    crop: str = "rrc"
-    min_scale: float = 0.08
-    pad: int = 4
-    flip: bool = True
-    mix: str = "none"
-    mix_alpha: float = 1.0
-
-    def __post_init__(self):
-        if self.crop not in ("rrc", "pad", "none"):
-            raise ValueError(f"unknown crop {self.crop!r}: use rrc, pad or none")
-        if self.mix not in ("none", "cutmix", "mixup"):
-            raise ValueError(f"unknown mix {self.mix!r}: use none, cutmix or mixup")
 
 
 @dataclass

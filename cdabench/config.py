@@ -1,4 +1,5 @@
-"""Task and method configuration: dataclasses loaded from TOML and validated once, at the edge.
+"""Task, method and suite configuration loaded from TOML and validated once, at the edge (the
+dataclasses themselves are the leaf schema, cdabench/schema.py).
 
 A task (cdabench/builtin/tasks/<name>.toml, or any task file passed by path) is a dataset + splits,
 a teacher recipe, the recover settings per method, the IPC values and the post-train protocol. A
@@ -9,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from cdabench import packaged
-from cdabench.augment import AugmentSpec
-from cdabench.distill.crop_schedule import CropSchedule
-from cdabench.distill.recover import RecoverConfig
+from cdabench.schema import (AugmentSpec, CropSchedule, KDConfig, Method, PostTrain, RecoverConfig, StudentOverride,
+                             Task, TrainRecipe)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,146 +50,6 @@ def build(cls, data: dict[str, Any], where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    """How a model is trained: the teacher on real data, or a student on a distilled set."""
-
-    model: str = "resnet18"
-    epochs: int = 100
-    batch_size: int = 128
-    optimizer: str = "sgd"              # sgd | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_matrices_only: bool = False   # weight decay only on parameters with ndim > 1 (the ImageNet recipe)
-    warmup_epochs: int = 0              # linear warm-up from warmup_start x lr
-    warmup_start: float = 0.01
-    schedule: str = "cosine"            # cosine (per step, to 0) | constant
-    augment: AugmentSpec = field(default_factory=AugmentSpec)
-    patch_size: int | None = None       # ViTs only: the patch size (None: the registry's choice for the size)
-    # ResNets only: zero-initialise the last BN gamma of every block (torchvision's option of this
-    # name). Off = torchvision's default init, the official models'; the digits tasks turn it on.
-    zero_init_residual: bool = False
-
-    def __post_init__(self):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
-
-
-@dataclass(frozen=True)
-class StudentOverride:
-    """Per-student settings of the post-train protocol (tuned on the held-out split, never on test)."""
-
-    epochs: int | None = None
-    full_epochs: int | None = None      # this student's epochs on the `full` baseline (over the task's)
-    full_batch_size: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    warmup_epochs: int | None = None
-    augment: AugmentSpec | None = None
-    patch_size: int | None = None
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """Soft labels: `online` (the teacher labels every augmented batch) or `stored` (FKD-style
-    label store, generated once and replayed); loss KL(student/T || teacher/T), x T^2 if asked."""
-
-    mode: str = "online"
-    temperature: float = 4.0
-    t_squared: bool = True
-    topk: int = 0                       # stored mode: keep only the top-k logits (0 = all)
-
-    def __post_init__(self):
-        if self.mode not in ("online", "stored"):
-            raise ValueError(f"kd mode must be online or stored, got {self.mode!r}")
-
-
-@dataclass(frozen=True)
-class PostTrain:
-    recipe: TrainRecipe = field(default_factory=TrainRecipe)
-    kd: KDConfig = field(default_factory=KDConfig)
-    students: dict[str, StudentOverride] = field(default_factory=dict)
-    # The `full` baseline's epochs; None = the same epochs as every other method. A task may set the
-    # same number of optimiser steps instead (equal compute), when equal epochs over the whole real
-    # set would dominate its budget; the record says which (docs/digits.md).
-    full_epochs: int | None = None
-    full_batch_size: int | None = None  # the `full` baseline's batch (None: the recipe's)
-
-    def recipe_for(self, student: str, full: bool = False) -> TrainRecipe:
-        """The protocol for one student: the shared recipe with that student's overrides."""
-        changes = {"model": student}
-        override = self.students.get(student)
-        full_changes = {"epochs": self.full_epochs, "batch_size": self.full_batch_size}
-        if override is not None:
-            for f in dataclasses.fields(override):
-                value = getattr(override, f.name)
-                if value is None:
-                    continue
-                if f.name.startswith("full_"):
-                    full_changes[f.name.removeprefix("full_")] = value
-                else:
-                    changes[f.name] = value
-        if full:
-            changes.update({k: v for k, v in full_changes.items() if v is not None})
-        return dataclasses.replace(self.recipe, **changes)
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    dataset: str
-    description: str = ""
-    image_size: int | None = None       # None: the dataset's default working size
-    ipcs: tuple[int, ...] = (10,)
-    holdout_fraction: float | None = None
-    holdout_per_class: int | None = None
-    split_seed: int = 0
-    probe_per_class: int = 10           # held-out images per class for the class-order guard
-    # fp32 | bf16: autocast of every forward pass (teacher training, recover, relabel, post-train,
-    # evaluation). fp32 is what the papers' numbers came from; `--precision` overrides it.
-    precision: str = "fp32"
-    teacher: TrainRecipe = field(default_factory=TrainRecipe)
-    recover: dict[str, RecoverConfig] = field(default_factory=dict)
-    posttrain: PostTrain = field(default_factory=PostTrain)
-    path: str = ""
-
-    def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if (self.holdout_fraction is None) == (self.holdout_per_class is None):
-            raise ValueError("set exactly one of holdout_fraction / holdout_per_class")
-
-
-@dataclass(frozen=True)
-class Method:
-    """A way to produce a distilled set: `recover` (SRe2L/CDA: the task's [recover.<name>]
-    settings with this crop schedule), `select` (real images: random, herding, full) or `noise`
-    (the recover start point, N(0, 1) in the normalised space, never optimised: the floor every
-    distilled set must clear by a wide margin)."""
-
-    name: str
-    kind: str                          # recover | select | noise
-    description: str = ""
-    strategy: str = ""                 # select: random | herding | full
-    crop: CropSchedule | None = None   # recover: the default crop schedule (a task may override)
-    path: str = ""
-
-    def __post_init__(self):
-        if self.kind not in ("recover", "select", "noise"):
-            raise ValueError(f"method kind must be recover, select or noise, got {self.kind!r}")
-        if self.kind == "select" and self.strategy not in ("random", "herding", "full"):
-            raise ValueError(f"select strategy must be random, herding or full, got {self.strategy!r}")
-        if self.kind == "recover" and self.crop is None:
-            raise ValueError("a recover method needs a [crop] table")
 
 
 _NESTED = {

@@ -14,20 +14,7 @@ from cdabench import packaged
 from cdabench.config import (ConfigError, load_method, load_named, load_task, method_uses_seed, split_settings,
                              with_holdout)
 from cdabench.models import MODELS
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    description: str = ""
-    task: str = "digits"
-    methods: tuple[str, ...] = ("cda", "sre2l", "random", "herding", "full")
-    ipcs: tuple[int, ...] = ()               # empty: the task's IPCs
-    students: tuple[str, ...] = ("resnet18",)
-    labels: tuple[str, ...] = ("soft",)
-    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair)
-    seeds: tuple[int, ...] = (0, 1)
-    path: str = ""
+from cdabench.schema import Suite
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,11 @@ import resource
 import numpy as np
 import torch
 
-from cdabench.augment import AugmentSpec
-from cdabench.distill.crop_schedule import CropSchedule
 from cdabench.distill.labels import OnlineKD
-from cdabench.distill.recover import RecoverConfig, freeze, recover_batch
+from cdabench.distill.recover import freeze, recover_batch
 from cdabench.distill.train import ImageBank, Normalizer, make_optimizer, train_step
-from cdabench.config import TrainRecipe
 from cdabench.models import create_model
+from cdabench.schema import AugmentSpec, CropSchedule, RecoverConfig, TrainRecipe
 
 SHAPE = (1, 8, 8)  # the embedded default's working shape
 MEAN, STD = (0.3054,), (0.3760,)

@@ -18,8 +18,7 @@ import torch
 
 from cdabench import records
 from cdabench.cli import main
-from cdabench.config import ConfigError, TrainRecipe, load_task
-from cdabench.augment import AugmentSpec
+from cdabench.config import ConfigError, load_task
 from cdabench.continual import metrics, report
 from cdabench.continual.memory import first_per_class, load_memory
 from cdabench.continual.retrain import kd_source, run_retrain
@@ -33,6 +32,7 @@ from cdabench.distill.train import ImageBank, evaluate_model, train_model
 from cdabench.leaderboard import generate
 from cdabench.models import create_model
 from cdabench.published import read_continual
+from cdabench.schema import AugmentSpec, TrainRecipe
 from tests.fixtures import make_tiny_imagenet
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cdabench import artifacts
-from cdabench.augment import AugmentSpec
+from cdabench.schema import AugmentSpec
 from cdabench.distill.labels import (LabelStoreConfig, StoredLabels, build_label_store, epoch_file, kd_loss,
                                      masked_probs, mixed_cross_entropy)
 from cdabench.distill.train import ImageBank, Normalizer

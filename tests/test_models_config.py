@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from cdabench.config import ConfigError, TrainRecipe, load_task
+from cdabench.config import ConfigError, load_task
 from cdabench.distill.train import make_optimizer
 from cdabench.models import create_model, describe_adaptation, mobilenetv2_stride1_stages
+from cdabench.schema import TrainRecipe
 
 TASK = """\
 dataset = "digits"

@@ -13,9 +13,8 @@ from torch import nn
 
 from cdabench.augment import crop_resize, sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
-from cdabench.distill.crop_schedule import CropSchedule
-from cdabench.distill.recover import (RecoverConfig, cosine_lr, freeze, plan_shards, recover_batch,
-                                      run_recover, shard_seed)
+from cdabench.distill.recover import cosine_lr, freeze, plan_shards, recover_batch, run_recover, shard_seed
+from cdabench.schema import CropSchedule, RecoverConfig
 
 from .conftest import make_tiny_bn_net
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdabench.config import KDConfig, TrainRecipe
+from cdabench.schema import KDConfig, TrainRecipe
 from cdabench.continual.scenario import Scenario, evaluate_experiences
 from cdabench.distill.labels import OnlineKD
 from cdabench.distill.train import ImageBank, Normalizer, train_model

@@ -13,25 +13,20 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import DataError
 from .images import ImageSplit, is_image_file, list_class_folders, load_imagefolder, resize_uint8
-
-if TYPE_CHECKING:  # registry imports this module; avoid the cycle at runtime
-    from .registry import DatasetSpec
-
-Loaded = tuple[ImageSplit, ImageSplit, list[str]]
+from .spec import DatasetSpec, Loaded
 
 
-def layout_error(spec: "DatasetSpec", problem: str) -> DataError:
+def layout_error(spec: DatasetSpec, problem: str) -> DataError:
     """A DataError naming the problem and the layout that was expected."""
     return DataError(f"{spec.name}: {problem}. Expected layout under --data-root: {spec.layout}")
 
 
-def _require_root(root: Path | None, spec: "DatasetSpec") -> Path:
+def _require_root(root: Path | None, spec: DatasetSpec) -> Path:
     if root is None:
         raise layout_error(spec, "--data-root is required for this dataset")
     return root
@@ -44,7 +39,7 @@ def _array_split(images: np.ndarray, labels: np.ndarray, image_size: int) -> Ima
 
 
 # --------------------------------------------------------------------- digits
-def load_digits_split(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_digits_split(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     """scikit-learn's bundled 8x8 digits with a seeded stratified 80/20 split."""
     # Imported lazily: scikit-learn is only needed for this dataset.
     from sklearn.datasets import load_digits
@@ -120,7 +115,7 @@ class CifarUnpickler(pickle.Unpickler):
             ) from None
 
 
-def _unpickle(path: Path, spec: "DatasetSpec") -> dict:
+def _unpickle(path: Path, spec: DatasetSpec) -> dict:
     # The official CIFAR release is a set of Python pickles; latin1 is how
     # Python 3 reads their Python 2 strings (the same as torchvision).
     try:
@@ -143,7 +138,7 @@ def _unpickle(path: Path, spec: "DatasetSpec") -> dict:
     }
 
 
-def _cifar_batch(path: Path, fmt: CifarFormat, spec: "DatasetSpec") -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, fmt: CifarFormat, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(path, spec)
     if "data" not in batch or fmt.label_key not in batch:
         raise layout_error(spec, f"{path} lacks the 'data' / '{fmt.label_key}' entries of a CIFAR batch")
@@ -157,7 +152,7 @@ def _cifar_batch(path: Path, fmt: CifarFormat, spec: "DatasetSpec") -> tuple[np.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def load_cifar(root: Path | None, spec: "DatasetSpec", image_size: int, fmt: CifarFormat) -> Loaded:
+def load_cifar(root: Path | None, spec: DatasetSpec, image_size: int, fmt: CifarFormat) -> Loaded:
     root = _require_root(root, spec)
     # Accept --data-root pointing at the release folder itself or at its parent.
     candidates = [root / fmt.folder, root]
@@ -186,11 +181,11 @@ def load_cifar(root: Path | None, spec: "DatasetSpec", image_size: int, fmt: Cif
     )
 
 
-def load_cifar10(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_cifar10(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     return load_cifar(root, spec, image_size, CIFAR10)
 
 
-def load_cifar100(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_cifar100(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     return load_cifar(root, spec, image_size, CIFAR100)
 
 
@@ -217,7 +212,7 @@ def _find_idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path, spec: "DatasetSpec") -> bytes:
+def _read_bytes(path: Path, spec: DatasetSpec) -> bytes:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -230,7 +225,7 @@ def _read_bytes(path: Path, spec: "DatasetSpec") -> bytes:
         ) from exc
 
 
-def parse_idx(path: Path, magic: int, spec: "DatasetSpec") -> np.ndarray:
+def parse_idx(path: Path, magic: int, spec: DatasetSpec) -> np.ndarray:
     """Parse an unsigned-byte IDX file (big-endian header) into an array."""
     data = _read_bytes(path, spec)
     if len(data) < 4:
@@ -254,7 +249,7 @@ def parse_idx(path: Path, magic: int, spec: "DatasetSpec") -> np.ndarray:
 
 
 def load_mnist_like(
-    root: Path | None, spec: "DatasetSpec", image_size: int, torch_folder: str, classes: list[str]
+    root: Path | None, spec: DatasetSpec, image_size: int, torch_folder: str, classes: list[str]
 ) -> Loaded:
     root = _require_root(root, spec)
     # The bare files, the '<root>/raw' folder, or torchvision's '<root>/<Name>/raw'.
@@ -282,11 +277,11 @@ def load_mnist_like(
     return split("train_images", "train_labels"), split("test_images", "test_labels"), list(classes)
 
 
-def load_mnist(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_mnist(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     return load_mnist_like(root, spec, image_size, "MNIST", [str(d) for d in range(10)])
 
 
-def load_fashion_mnist(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_fashion_mnist(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     return load_mnist_like(root, spec, image_size, "FashionMNIST", FASHION_MNIST_CLASSES)
 
 
@@ -294,7 +289,7 @@ def load_fashion_mnist(root: Path | None, spec: "DatasetSpec", image_size: int) 
 TINY_NATIVE_SIZE = 64
 
 
-def load_tiny_imagenet(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_tiny_imagenet(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     root = _require_root(root, spec)
     base = next(
         (c for c in (root / "tiny-imagenet-200", root) if (c / "wnids.txt").is_file()), None
@@ -372,7 +367,7 @@ def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
 
 def load_train_val_folders(
     root: Path | None,
-    spec: "DatasetSpec",
+    spec: DatasetSpec,
     image_size: int,
     train_names: tuple[str, ...] = ("train",),
     val_names: tuple[str, ...] = ("val",),
@@ -406,7 +401,7 @@ def load_train_val_folders(
     return train, test, classes
 
 
-def load_imagenet21k(root: Path | None, spec: "DatasetSpec", image_size: int) -> Loaded:
+def load_imagenet21k(root: Path | None, spec: DatasetSpec, image_size: int) -> Loaded:
     # ImageNet-21K-P archives extract to imagenet21k_train / imagenet21k_val;
     # accept those names as well as train / val.
     return load_train_val_folders(

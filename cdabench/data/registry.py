@@ -7,11 +7,11 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import layouts
 from .errors import DataError
 from .images import ImageSplit
+from .spec import DatasetSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,24 +21,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # normalised space, so these set its start noise, clamp box and step size: use them for both.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What a dataset looks like on disk and how its pixels are normalised."""
-
-    name: str
-    layout: str  # official on-disk layout expected under --data-root (shown in errors)
-    image_size: int  # default working size in pixels
-    channels: int
-    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
-    std: tuple[float, ...]
-    # True: stored images already have the working size. False: photos of any
-    # size, evaluated with Resize(size * 256 / 224) + CenterCrop(size).
-    fixed_size: bool
-    needs_root: bool
-    # (root, spec, image_size) -> (train, test, classes)
-    loader: Callable[[Path | None, "DatasetSpec", int], layouts.Loaded] = field(repr=False, compare=False)
 
 
 @dataclass

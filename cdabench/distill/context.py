@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from cdabench.config import Task, TrainRecipe
+from cdabench.schema import Task, TrainRecipe
 from cdabench.data import DataError, ImageSplit, RealData, create_dataset, stratified_holdout
 from cdabench.distill.train import ImageBank, Normalizer, StreamedImages
 from cdabench.models import create_model, describe_adaptation

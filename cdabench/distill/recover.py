@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,27 +21,8 @@ from torch import nn
 from cdabench import artifacts, progress
 from cdabench.augment import crop_resize, sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
-from cdabench.distill.crop_schedule import CropSchedule
 from cdabench.runtime import ProcessGroup, autocast
-
-
-@dataclass(frozen=True)
-class RecoverConfig:
-    iterations: int = 1000
-    lr: float = 0.25
-    r_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    batch_size: int = 100
-    jitter: int = 4
-    jitter_symmetric: bool = False   # offsets in [-J, J] (SRe2L's Tiny script) instead of [0, J]
-    flip: bool = True
-    crop: CropSchedule | None = None   # None: the method's own schedule (config.recover_config)
-    image_format: str = "png"        # "jpeg75" reproduces the official output
-    precision: str | None = None     # "fp32" | "bf16" (teacher forward under bf16 autocast); None: the task's
-    clamp_to: str = "normalised"     # "normalised": per-channel image of [0,1]; "unit": [0,1] (ImageNet-21K-P)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from cdabench.schema import RecoverConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cdabench import artifacts, progress
-from cdabench.config import TrainRecipe
+from cdabench.schema import TrainRecipe
 from cdabench.runtime import autocast
 
 

@@ -1,0 +1,265 @@
+"""The configuration schema: the frozen dataclasses a task, a method, a suite and their parts
+are made of. A leaf module: it imports nothing else of cdabench, so every layer can name these
+types; loading from TOML and cross-checks happen at the edge (config.py). Each class validates
+its own fields in __post_init__ (a ValueError that names the field and its allowed values).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+
+
+# ---------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What a training batch goes through: crop, flip, then optional batch mixing.
+
+    crop: "rrc" (RandomResizedCrop with scale (min_scale, 1)), "pad" (RandomCrop with zero
+    padding `pad`, the CIFAR recipe) or "none". mix: "none", "cutmix" (Beta(alpha, alpha), p=1)
+    or "mixup"."""
+
+    crop: str = "rrc"
+    min_scale: float = 0.08
+    pad: int = 4
+    flip: bool = True
+    mix: str = "none"
+    mix_alpha: float = 1.0
+
+    def __post_init__(self):
+        if self.crop not in ("rrc", "pad", "none"):
+            raise ValueError(f"unknown crop {self.crop!r}: use rrc, pad or none")
+        if self.mix not in ("none", "cutmix", "mixup"):
+            raise ValueError(f"unknown mix {self.mix!r}: use none, cutmix or mixup")
+
+
+# ---------------------------------------------------------------- crop-scale curriculum
+CROP_KINDS = ("none", "fixed", "step", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class CropSchedule:
+    """The crop-scale curriculum: SRe2L's fixed bound and CDA's easy-to-hard schedules (methods.md sections 2-3).
+
+    Only the lower bound of RandomResizedCrop's scale moves; the upper bound stays at `max_scale`.
+    With milestone m (the fraction of the T iterations the curriculum spans), for t < m*T:
+        step:    lower = max_scale
+        linear:  lower = min + (max - min) * (1 - t / (m*T))
+        cosine:  lower = min + (max - min) * (1 + cos(pi * t / (m*T))) / 2
+    and lower = min for t >= m*T. `fixed` is SRe2L (m irrelevant); `none` means no crop at all
+    (SRe2L's CIFAR-100 recipe, roll jitter only). `reverse=True` runs hard-to-easy, the variant the
+    CDA ablation found worse; it is here for ablations only."""
+
+    kind: str = "fixed"
+    milestone: float = 1.0
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    reverse: bool = False
+
+    def __post_init__(self):
+        if self.kind not in CROP_KINDS:
+            raise ValueError(f"unknown crop schedule {self.kind!r}: use one of {', '.join(CROP_KINDS)}")
+        if not 0.0 <= self.milestone <= 1.0:
+            raise ValueError(f"crop milestone must lie in [0, 1], got {self.milestone}")
+        if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
+            raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}")
+
+    @property
+    def crops(self) -> bool:
+        return self.kind != "none"
+
+    def lower(self, t: int, total: int) -> float:
+        """The scale lower bound at iteration t (0-based) of `total`."""
+        if self.kind == "none":
+            return self.max_scale
+        if self.reverse:
+            t = total - 1 - t
+        span = self.milestone * total
+        if self.kind == "fixed" or t >= span:
+            return self.min_scale
+        progress = t / span
+        width = self.max_scale - self.min_scale
+        if self.kind == "step":
+            return self.max_scale
+        if self.kind == "linear":
+            return self.min_scale + width * (1.0 - progress)
+        return self.min_scale + width * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+    def scale(self, t: int, total: int) -> tuple[float, float]:
+        return (self.lower(t, total), self.max_scale)
+
+
+# ---------------------------------------------------------------- recover (SRe2L / CDA)
+@dataclass(frozen=True)
+class RecoverConfig:
+    iterations: int = 1000
+    lr: float = 0.25
+    r_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    batch_size: int = 100
+    jitter: int = 4
+    jitter_symmetric: bool = False   # offsets in [-J, J] (SRe2L's Tiny script) instead of [0, J]
+    flip: bool = True
+    crop: CropSchedule | None = None   # None: the method's own schedule (config.recover_config)
+    image_format: str = "png"        # "jpeg75" reproduces the official output
+    precision: str | None = None     # "fp32" | "bf16" (teacher forward under bf16 autocast); None: the task's
+    clamp_to: str = "normalised"     # "normalised": per-channel image of [0,1]; "unit": [0,1] (ImageNet-21K-P)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- training recipes, tasks, methods
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a model is trained: the teacher on real data, or a student on a distilled set."""
+
+    model: str = "resnet18"
+    epochs: int = 100
+    batch_size: int = 128
+    optimizer: str = "sgd"              # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_matrices_only: bool = False   # weight decay only on parameters with ndim > 1 (the ImageNet recipe)
+    warmup_epochs: int = 0              # linear warm-up from warmup_start x lr
+    warmup_start: float = 0.01
+    schedule: str = "cosine"            # cosine (per step, to 0) | constant
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    patch_size: int | None = None       # ViTs only: the patch size (None: the registry's choice for the size)
+    # ResNets only: zero-initialise the last BN gamma of every block (torchvision's option of this
+    # name). Off = torchvision's default init, the official models'; the digits tasks turn it on.
+    zero_init_residual: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class StudentOverride:
+    """Per-student settings of the post-train protocol (tuned on the held-out split, never on test)."""
+
+    epochs: int | None = None
+    full_epochs: int | None = None      # this student's epochs on the `full` baseline (over the task's)
+    full_batch_size: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+    augment: AugmentSpec | None = None
+    patch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Soft labels: `online` (the teacher labels every augmented batch) or `stored` (FKD-style
+    label store, generated once and replayed); loss KL(student/T || teacher/T), x T^2 if asked."""
+
+    mode: str = "online"
+    temperature: float = 4.0
+    t_squared: bool = True
+    topk: int = 0                       # stored mode: keep only the top-k logits (0 = all)
+
+    def __post_init__(self):
+        if self.mode not in ("online", "stored"):
+            raise ValueError(f"kd mode must be online or stored, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class PostTrain:
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    kd: KDConfig = field(default_factory=KDConfig)
+    students: dict[str, StudentOverride] = field(default_factory=dict)
+    # The `full` baseline's epochs; None = the same epochs as every other method. A task may set the
+    # same number of optimiser steps instead (equal compute), when equal epochs over the whole real
+    # set would dominate its budget; the record says which (docs/digits.md).
+    full_epochs: int | None = None
+    full_batch_size: int | None = None  # the `full` baseline's batch (None: the recipe's)
+
+    def recipe_for(self, student: str, full: bool = False) -> TrainRecipe:
+        """The protocol for one student: the shared recipe with that student's overrides."""
+        changes = {"model": student}
+        override = self.students.get(student)
+        full_changes = {"epochs": self.full_epochs, "batch_size": self.full_batch_size}
+        if override is not None:
+            for f in dataclasses.fields(override):
+                value = getattr(override, f.name)
+                if value is None:
+                    continue
+                if f.name.startswith("full_"):
+                    full_changes[f.name.removeprefix("full_")] = value
+                else:
+                    changes[f.name] = value
+        if full:
+            changes.update({k: v for k, v in full_changes.items() if v is not None})
+        return dataclasses.replace(self.recipe, **changes)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    dataset: str
+    description: str = ""
+    image_size: int | None = None       # None: the dataset's default working size
+    ipcs: tuple[int, ...] = (10,)
+    holdout_fraction: float | None = None
+    holdout_per_class: int | None = None
+    split_seed: int = 0
+    probe_per_class: int = 10           # held-out images per class for the class-order guard
+    # fp32 | bf16: autocast of every forward pass (teacher training, recover, relabel, post-train,
+    # evaluation). fp32 is what the papers' numbers came from; `--precision` overrides it.
+    precision: str = "fp32"
+    teacher: TrainRecipe = field(default_factory=TrainRecipe)
+    recover: dict[str, RecoverConfig] = field(default_factory=dict)
+    posttrain: PostTrain = field(default_factory=PostTrain)
+    path: str = ""
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if (self.holdout_fraction is None) == (self.holdout_per_class is None):
+            raise ValueError("set exactly one of holdout_fraction / holdout_per_class")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to produce a distilled set: `recover` (SRe2L/CDA: the task's [recover.<name>]
+    settings with this crop schedule), `select` (real images: random, herding, full) or `noise`
+    (the recover start point, N(0, 1) in the normalised space, never optimised: the floor every
+    distilled set must clear by a wide margin)."""
+
+    name: str
+    kind: str                          # recover | select | noise
+    description: str = ""
+    strategy: str = ""                 # select: random | herding | full
+    crop: CropSchedule | None = None   # recover: the default crop schedule (a task may override)
+    path: str = ""
+
+    def __post_init__(self):
+        if self.kind not in ("recover", "select", "noise"):
+            raise ValueError(f"method kind must be recover, select or noise, got {self.kind!r}")
+        if self.kind == "select" and self.strategy not in ("random", "herding", "full"):
+            raise ValueError(f"select strategy must be random, herding or full, got {self.strategy!r}")
+        if self.kind == "recover" and self.crop is None:
+            raise ValueError("a recover method needs a [crop] table")
+
+
+# ---------------------------------------------------------------- suites
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str = ""
+    task: str = "digits"
+    methods: tuple[str, ...] = ("cda", "sre2l", "random", "herding", "full")
+    ipcs: tuple[int, ...] = ()               # empty: the task's IPCs
+    students: tuple[str, ...] = ("resnet18",)
+    labels: tuple[str, ...] = ("soft",)
+    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair)
+    seeds: tuple[int, ...] = (0, 1)
+    path: str = ""
