@@ -9,29 +9,25 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from cdabench.config import Task
+import torch
+
+from cdabench import progress
+from cdabench.distill.context import open_context
+from cdabench.distill.pipeline import evaluate
+from cdabench.distill.squeeze import get_teacher
+from cdabench.schema import Task
 
 _STATE: dict = {}
 
 
 def _init_worker(task: Task, data_root: str | None, device: str, cache: str | None, threads: int,
                  precision: str) -> None:
-    import signal
-
-    import torch
-
     # Ctrl-C reaches the whole process group: only the parent acts on it (and stops the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    from cdabench import progress
-    from cdabench.distill.context import open_context
-    from cdabench.distill.squeeze import get_teacher
-
     torch.set_num_threads(threads)
     progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
     ctx = open_context(task, data_root, device, cache, precision)
@@ -41,7 +37,6 @@ def _init_worker(task: Task, data_root: str | None, device: str, cache: str | No
 def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: str, command: str,
                    extra: dict, steps: int = 0) -> dict:
     """One cell in this worker (`steps`: the parent's estimate, used for ordering only)."""
-    from cdabench.distill.pipeline import evaluate
     return evaluate(_STATE["ctx"], folder, student, labels, seed, scratch, command=command,
                     teacher=_STATE["teacher"], extra=extra)
 

@@ -4,8 +4,22 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
-from cdabench import progress
+import torch
+
+from cdabench import config, progress, records, report
+from cdabench.check import compare, read_targets
+from cdabench.config import ConfigError
+from cdabench.continual import runner
+from cdabench.continual.report import rich_table as continual_table
+from cdabench.data import DataError, list_datasets
+from cdabench.distill.context import open_context
+from cdabench.distill.pipeline import distill, evaluate
+from cdabench.leaderboard import generate
+from cdabench.models import list_models
+from cdabench.runtime import resolve_device
+from cdabench.suite import list_suites, load_suite, narrow, run_suite
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -102,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress.set_quiet(getattr(args, "quiet", False))
     command = "cdabench " + " ".join(shlex.quote(a) for a in argv)
-    from cdabench.config import ConfigError
-    from cdabench.data import DataError
     try:
         return _dispatch(args, command)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
@@ -112,26 +124,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, command: str) -> int:
-    from cdabench import config
     if args.command == "list":
-        from cdabench.data import list_datasets
-        from cdabench.models import list_models
         print("tasks:   ", ", ".join(config.list_tasks()))
         print("methods: ", ", ".join(config.list_methods()))
         print("models:  ", ", ".join(list_models()), "(or any timm name)")
-        from cdabench.suite import list_suites
         print("datasets:", ", ".join(list_datasets()))
         print("suites:  ", ", ".join(list_suites()))
         return 0
     if args.command == "leaderboard":
-        from cdabench.leaderboard import generate
         for path in generate(args.runs, args.out, plots=not args.no_plots):
             print(path)
         return 0
     if args.command in ("run", "check"):
         return _run_or_check(args, command)
-    from cdabench.distill.context import open_context
-    from cdabench.distill.pipeline import distill, evaluate
     task = config.with_holdout(config.load_task(args.task), args.holdout_per_class, args.holdout_fraction)
     ctx = open_context(task, args.data_root, args.device, args.cache_dir, args.precision)
     if args.command == "distill":
@@ -144,13 +149,7 @@ def _dispatch(args, command: str) -> int:
 
 
 def _run_or_check(args, command: str) -> int:
-    from pathlib import Path
-
-    from cdabench import records, report
-    from cdabench.config import ConfigError
-    from cdabench.continual.runner import is_continual_suite
-    from cdabench.suite import load_suite, narrow, run_suite
-    if is_continual_suite(args.suite):
+    if runner.is_continual_suite(args.suite):
         return _run_continual(args, command)
     if args.steps or args.strategies:
         raise ConfigError("--steps and --strategies apply to continual suites only (e.g. --suite continual)")
@@ -166,7 +165,6 @@ def _run_or_check(args, command: str) -> int:
         progress.console.print(report.rich_table(summary))
     if args.command == "run":
         return 0
-    from cdabench.check import compare, read_targets
     statuses = compare(results, read_targets(args.targets))
     for s in statuses:
         t = s.target
@@ -179,10 +177,7 @@ def _run_or_check(args, command: str) -> int:
 
 
 def _workers(value: str, device: str) -> int:
-    from cdabench.config import ConfigError
-    from cdabench.runtime import resolve_device
     if value == "auto":
-        import torch
         return 1 if resolve_device(device).type == "cuda" else min(2, torch.get_num_threads())
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"--workers must be auto or a positive number, got {value!r}")
@@ -190,11 +185,6 @@ def _workers(value: str, device: str) -> int:
 
 
 def _run_continual(args, command: str) -> int:
-    from pathlib import Path
-
-    from cdabench.config import ConfigError
-    from cdabench.continual import runner
-    from cdabench.continual.report import rich_table
     if args.command == "check":
         raise ConfigError("continual suites have no regression targets: use `cdabench run --suite continual`")
     suite = runner.narrow(runner.load_continual_suite(args.suite), args.task, args.ipc, args.students, args.seeds,
@@ -202,7 +192,7 @@ def _run_continual(args, command: str) -> int:
     out = Path(args.out or f"runs/{suite.name}")
     results = runner.run_continual(suite, out, args.data_root, args.device, args.cache_dir, command,
                                    precision=args.precision, holdout=(args.holdout_per_class, args.holdout_fraction))
-    for table in rich_table(results):
+    for table in continual_table(results):
         progress.console.print(table)
     return 0
 

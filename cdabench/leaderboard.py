@@ -129,7 +129,7 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
         dataset = rows[0]["dataset"]
         figures = []
         if plots and cross:
-            from cdabench import plots as plotting
+            from cdabench import plots as plotting  # lazily: matplotlib loads only when plots are drawn
             figures = plotting.draw_task(task, cross, summaries, out, _provenance(cross))
         # Continual records (cdabench run --suite continual) get their own section and figures.
         continual = [r for r in rows if r.get("continual")]

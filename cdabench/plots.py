@@ -3,6 +3,7 @@ band, the method x student heatmap, and accuracy vs total bytes of images + stor
 Every figure carries its provenance in a footer."""
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,14 +17,13 @@ from cdabench import artifacts, report, stats  # noqa: E402
 METADATA = {"Software": None}  # no version/date stamp inside the PNG
 
 
-def _footer(fig, provenance: dict) -> None:
+def footer(fig, provenance: dict) -> None:
     text = (f"{provenance['records']} records, hash {provenance['hash']}; {'; '.join(provenance['versions'])}; "
             f"{'; '.join(provenance['devices'])}")
     fig.text(0.01, 0.005, text, fontsize=6, color="0.4", ha="left", va="bottom")
 
 
-def _save(fig, path: Path) -> None:
-    import io
+def save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, metadata=METADATA)
     plt.close(fig)
@@ -35,8 +35,8 @@ def _finish_line_plot(fig, ax, title: str, legend_size: int, provenance: dict, o
     ax.set_title(title)
     ax.legend(fontsize=legend_size)
     fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the provenance footer
-    _footer(fig, provenance)
-    _save(fig, out / name)
+    footer(fig, provenance)
+    save_png(fig, out / name)
     return name
 
 
@@ -86,9 +86,9 @@ def heatmap(task: str, summaries: list[report.Summary], out: Path, provenance: d
     ipc = "full data" if summary.ipc is None else f"IPC {summary.ipc}"
     ax.set_title(f"{task}, {ipc}: method × student", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _footer(fig, provenance)
+    footer(fig, provenance)
     name = f"{task}-heatmap.png"
-    _save(fig, out / name)
+    save_png(fig, out / name)
     return name
 
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from cdabench import stats
+from cdabench.models import MODELS
 
 BASELINE = "random"
 
 
 def student_order(name: str) -> tuple:
     """The registry's panel order (ResNet-18, -50, -101, MobileNetV2, DeiT-Tiny), then any timm name."""
-    from cdabench.models import MODELS
     names = list(MODELS)
     return (names.index(name), "") if name in names else (len(names), name)
 

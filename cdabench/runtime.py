@@ -5,10 +5,16 @@ import contextlib
 import datetime
 import os
 import platform
+import random
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+import timm
 import torch
+import torchvision
+
+from cdabench import __version__
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -67,10 +73,6 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
 def seed_everything(seed: int) -> None:
     """Global seeds for libraries we do not control; our own random choices use explicit generators."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -83,19 +85,13 @@ def device_description(device: torch.device) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import timm
-    import torchvision
-
-    from cdabench import __version__
-
     return {
         "cdabench": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
-        "numpy": numpy.__version__,
+        "numpy": np.__version__,
     }
 
 

@@ -9,10 +9,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdabench import artifacts, progress, records
-from cdabench import packaged
-from cdabench.config import (ConfigError, load_method, load_named, load_task, method_uses_seed, split_settings,
-                             with_holdout)
+import timm
+import torch
+
+from cdabench import artifacts, packaged, progress, records
+from cdabench.cellpool import evaluate_cells
+from cdabench.config import (ConfigError, load_method, load_named, load_task, method_uses_seed, recover_config,
+                             split_settings, with_holdout)
+from cdabench.distill.context import open_context
+from cdabench.distill.pipeline import distill, evaluate, evaluation_config
+from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
 from cdabench.schema import Suite
 
@@ -54,7 +60,6 @@ def validate(suite: Suite) -> None:
     load_task(suite.task)
     for method in suite.methods + suite.hard_label_methods:
         load_method(method)
-    import timm
     unknown = [s for s in suite.students if s not in MODELS and not timm.is_model(s)]
     if unknown:
         raise ConfigError(f"unknown student(s) {', '.join(unknown)}: use {', '.join(sorted(MODELS))} or a timm model name")
@@ -88,7 +93,6 @@ def distill_seed(method_name: str, seed: int) -> int:
 def distill_key(ctx, method_name: str, teacher: str) -> str:
     """What a distilled set depends on besides method, IPC and seed: the teacher (its cache key
     covers the data, the splits and the recipe) and the method's own settings."""
-    from cdabench.config import recover_config
     method = load_method(method_name)
     settings = recover_config(ctx.task, method).to_dict() if method.kind in ("recover", "noise") else method.strategy
     return artifacts.hash_config({"teacher": teacher, "method": method_name, "settings": settings})
@@ -110,10 +114,6 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     or in `workers` single-thread processes (cdabench/cellpool.py). `holdout`: the command line's
     (--holdout-per-class, --holdout-fraction). `stop_after` stops after
     that many newly evaluated cells (tests of resuming)."""
-    from cdabench.distill.context import open_context
-    from cdabench.distill.pipeline import distill, evaluate, evaluation_config
-    from cdabench.distill.squeeze import get_teacher, teacher_key
-
     validate(suite)
     cells = expand(suite)
     task = with_holdout(load_task(suite.task), *holdout)
@@ -154,8 +154,6 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     with progress.track(f"suite {suite.name}", len(cells)) as bar:
         bar.advance(len(cells) - len(jobs), "already recorded")
         if workers > 1 and len(jobs) > 1:
-            from cdabench.cellpool import evaluate_cells
-            import torch
             threads = max(1, torch.get_num_threads() // workers)
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
             jobs = sorted(jobs, key=lambda job: -job["steps"])

@@ -11,6 +11,7 @@ import torch
 
 from cdabench import artifacts
 from cdabench.config import ConfigError, load_method
+from cdabench.continual.scenario import subset_by_classes
 from cdabench.data import DataError, load_imagefolder
 from cdabench.distill.train import ImageBank
 
@@ -32,7 +33,6 @@ class Memory:
         return len(self.bank)
 
     def for_classes(self, classes) -> ImageBank:
-        from cdabench.continual.scenario import subset_by_classes
         return subset_by_classes(self.bank, classes)
 
     def per_class(self, num_classes: int) -> list[int]:

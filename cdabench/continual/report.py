@@ -210,7 +210,7 @@ def markdown_section(records: list[dict], published_table: list[dict], figures: 
 
 def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[str]:
     """Per scenario: accuracy vs classes seen, and the accuracy matrices (mean over seeds)."""
-    from cdabench import plots
+    from cdabench import plots  # lazily: matplotlib loads only when plots are drawn
     plt = plots.plt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,8 +229,8 @@ def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[st
         ax.set_title(f"{task_name}: {steps} steps, {ipc} images per class, {student}", fontsize=9)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        plots._footer(fig, provenance)
-        plots._save(fig, out / f"{stem}-curves.png")
+        plots.footer(fig, provenance)
+        plots.save_png(fig, out / f"{stem}-curves.png")
         names.append(f"{stem}-curves.png")
 
         cols = min(4, len(rows))
@@ -254,7 +254,7 @@ def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[st
             axes[k // cols][k % cols].axis("off")
         fig.colorbar(image, ax=axes, shrink=0.8, label="top-1 %")
         fig.suptitle(f"{task_name}: accuracy matrices (mean over seeds)", fontsize=9)
-        plots._footer(fig, provenance)
-        plots._save(fig, out / f"{stem}-matrices.png")
+        plots.footer(fig, provenance)
+        plots.save_png(fig, out / f"{stem}-matrices.png")
         names.append(f"{stem}-matrices.png")
     return names

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdabench.schema import KDConfig, TrainRecipe
-from cdabench.continual.scenario import Scenario, evaluate_experiences
+from cdabench.continual.scenario import Scenario, evaluate_experiences, subset_by_classes
 from cdabench.distill.labels import OnlineKD
 from cdabench.distill.train import ImageBank, Normalizer, train_model
+from cdabench.schema import KDConfig, TrainRecipe
 
 
 @dataclass
@@ -57,7 +57,6 @@ def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, 
                 precision: str = "fp32") -> ProtocolOutcome:
     """Every step: a fresh `make_model()` (seeded with `seed`), trained for `recipe.epochs` on the
     memory of the seen classes, then scored on every experience's test images."""
-    from cdabench.continual.scenario import subset_by_classes
     outcome = ProtocolOutcome()
     for step in range(scenario.num_steps):
         seen = scenario.seen_classes(step)

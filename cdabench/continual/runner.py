@@ -14,13 +14,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
+
 from cdabench import artifacts, progress, records
 from cdabench.config import (ConfigError, build, load_method, load_task, locate, read_toml, split_settings,
                              with_holdout)
-from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name
-from cdabench.continual.scenario import class_order
+from cdabench.continual import metrics
+from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name, load_memory
+from cdabench.continual.retrain import run_retrain
+from cdabench.continual.scenario import class_order, scenario_for, split_steps
 from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, SequentialSettings, check_strategy,
-                                           memory_kind)
+                                           memory_kind, run_sequential)
+from cdabench.distill.context import check_ipc, open_context
+from cdabench.distill.pipeline import distill, student_recipe
+from cdabench.distill.squeeze import get_teacher, teacher_key
+from cdabench.models import MODELS
+from cdabench.runtime import device_description, versions
+from cdabench.suite import distill_key, distill_seed
 
 PROTOCOLS = ("retrain", "sequential")
 KIND = "continual"
@@ -133,9 +143,6 @@ def validate(suite: ContinualSuite) -> None:
         raise ConfigError(f"retrain_epochs must be positive, got {suite.retrain_epochs}")
     if not suite.seeds:
         raise ConfigError("seeds must list at least one seed")
-    import timm
-
-    from cdabench.models import MODELS
     if suite.student not in MODELS and not timm.is_model(suite.student):
         raise ConfigError(f"unknown student {suite.student!r}: use {', '.join(sorted(MODELS))} or a timm model name")
 
@@ -172,8 +179,6 @@ def expand(suite: ContinualSuite) -> list[ContinualCell]:
 def check_data(ctx, suite: ContinualSuite, ipc: int) -> None:
     """Errors that need the dataset but no training: step counts that do not divide the classes,
     a memory larger than the real data it must be drawn from."""
-    from cdabench.continual.scenario import split_steps
-    from cdabench.distill.context import check_ipc
     for steps in suite.steps:
         split_steps(list(range(ctx.num_classes)), steps, f"{ctx.data.spec.name} ({ctx.task.name})")
     used = set(retrain_memories(suite) if "retrain" in suite.protocols else ())
@@ -186,7 +191,6 @@ def check_data(ctx, suite: ContinualSuite, ipc: int) -> None:
 
 
 def _eval_config(ctx, suite: ContinualSuite, cell: ContinualCell, mem_size: int) -> dict:
-    from cdabench.distill.pipeline import student_recipe
     if cell.protocol == "retrain":
         recipe = student_recipe(ctx, suite.student, suite.retrain_epochs)
         return {"protocol": "retrain", "recipe": dataclasses.asdict(recipe),
@@ -208,13 +212,6 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
                   holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). `holdout`: the
     command line's (--holdout-per-class, --holdout-fraction)."""
-    from cdabench.continual.memory import load_memory
-    from cdabench.continual.scenario import scenario_for
-    from cdabench.distill.context import open_context
-    from cdabench.distill.pipeline import distill
-    from cdabench.distill.squeeze import get_teacher, teacher_key
-    from cdabench.suite import distill_key, distill_seed
-
     validate(suite)
     task = with_holdout(load_task(suite.task), *holdout)
     ipc = suite_ipc(suite, task)
@@ -282,12 +279,6 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
 def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size: int, teacher, eval_config: dict,
              command: str = "") -> dict:
     """Run one cell and build its record (not yet written)."""
-    from cdabench.continual import metrics
-    from cdabench.continual.retrain import run_retrain
-    from cdabench.continual.sequential import run_sequential
-    from cdabench.distill.pipeline import student_recipe
-    from cdabench.runtime import device_description, versions
-
     architecture = student_recipe(ctx, suite.student)  # the task's settings for this student (its patch size)
 
     def make_model():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cdabench.config import ConfigError
+from cdabench.continual import avalanche_env
 from cdabench.distill.train import ImageBank, Normalizer, evaluate_model
 
 
@@ -137,7 +138,6 @@ class Scenario:
         """The Avalanche class-incremental benchmark (train and test streams), built once. The
         torch global RNG state is the same after the call as before it."""
         if self._benchmark is None:
-            from cdabench.continual import avalanche_env
             av = avalanche_env.load(cache)
             state = torch.get_rng_state()
             try:

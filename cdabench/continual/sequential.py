@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cdabench import progress
 from cdabench.config import ConfigError
 from cdabench.continual import avalanche_env
 from cdabench.continual.retrain import ProtocolOutcome
@@ -206,7 +207,6 @@ def run_sequential(scenario: Scenario, strategy: str, make_model: Callable[[], n
     """Train one model through the stream with `strategy`; after each experience, score it on the
     test images of every experience. `memory`: the replay memory (all classes, `ipc` each);
     `mem_size`: the buffer size of gdumb/der/er_ace."""
-    from cdabench import progress
     check_strategy(strategy)
     sizes = [int(n) for n in scenario.composition()["train_images"]]
     if min(sizes) < settings.batch_size:
