@@ -49,12 +49,6 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
 def _provenance(rows: list[dict]) -> dict:
     return {"records": len(rows), "hash": artifacts.hash_config(sorted(r["record_hash"] for r in rows))[:16],
             "versions": sorted({f"cdabench {r['versions'].get('cdabench')}, torch {r['versions'].get('torch')}, "
@@ -82,7 +76,7 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
                                report.fmt(stats.mean(list(panel.values())) if panel else None),
                                report.fmt(min(means) if means else None), str(delta) if delta else "–",
                                ",".join(map(str, seeds))])
-        lines += _md_table(["method", *summary.students, "panel mean", "worst", "Δ vs random [95% CI]", "seeds"],
+        lines += report.md_table(["method", *summary.students, "panel mean", "worst", "Δ vs random [95% CI]", "seeds"],
                            table_rows)
         tau = "n/a" if math.isnan(summary.tau_mean) else f"{summary.tau_mean:+.2f}"
         lines += ["", f"Kendall τ between the students' method rankings (soft labels), mean over student pairs: {tau}."]
@@ -102,7 +96,7 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
             pub_rows.append([str(p["ipc"]), p["method"], p["student"], f"{p['top1']:.1f}",
                              report.fmt(stats.mean(measured), report.spread(measured)) if measured else "–",
                              published.status(measured, p["top1"]), p["source"]])
-        lines += _md_table(["IPC", "method", "student", "published", "ours", "status", "source"], pub_rows) + [""]
+        lines += report.md_table(["IPC", "method", "student", "published", "ours", "status", "source"], pub_rows) + [""]
     if figures:
         lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
     lines += list(extra)

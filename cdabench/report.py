@@ -108,6 +108,12 @@ def fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the header, the separator, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def rich_table(summary: Summary) -> Table:
     ipc = "full data only" if summary.ipc is None else f"IPC {summary.ipc}"
     table = Table(title=f"{summary.task}, {ipc}: last-epoch top-1 % (mean ± std over seeds)")

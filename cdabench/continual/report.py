@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 
 from cdabench import published, stats
+from cdabench.report import md_table
 
 
 @dataclass
@@ -139,11 +140,6 @@ def rich_table(records: list[dict]) -> list[Table]:
     return tables
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def published_rows(records: list[dict], published_table: list[dict]) -> list[list[str]]:
     """The published per-step numbers beside ours: the same dataset, steps, IPC, memory, student,
     protocol and masking (the papers' retrain is unmasked); our masked number alongside."""
@@ -186,7 +182,7 @@ def markdown_section(records: list[dict], published_table: list[dict], figures: 
                           _fmt(row.mean("forgetting"), row.std("forgetting")), _fmt(row.mean("bwt"), signed=True),
                           _fmt(row.mean("unseen_accuracy")), str(int(row.mean("num_images"))), _bytes(row),
                           ",".join(map(str, row.seeds))])
-        lines += _md_table(["protocol", "strategy · memory", "masked", "seen-class accuracy after each step",
+        lines += md_table(["protocol", "strategy · memory", "masked", "seen-class accuracy after each step",
                             "final", "avg incremental", "forgetting", "BWT", "unseen", "memory images",
                             "memory bytes (images + labels)", "seeds"], table)
         orders = sorted({tuple(r["class_order"]) for row in group_rows for r in row.records})
@@ -201,7 +197,7 @@ def markdown_section(records: list[dict], published_table: list[dict], figures: 
                   "task's post-train recipe (SGD lr 0.2, 5 warm-up epochs, RandomResizedCrop + flip on "
                   "Tiny-ImageNet) with the teacher in eval mode. Its class order is reproduced by the suite "
                   "setting `class_order = \"sre2l-cl\"` (docs/continual.md).", ""]
-        lines += _md_table(["step", "classes seen", "published", "ours (same protocol)", "status", "ours (masked)",
+        lines += md_table(["step", "classes seen", "published", "ours (same protocol)", "status", "ours (masked)",
                             "source"], published_rows(records, published_table)) + [""]
     if figures:
         lines += [f"![{name}]({name})" for name in figures] + [""]
