@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cdabench import packaged
-from cdabench.schema import (AugmentSpec, CropSchedule, KDConfig, Method, PostTrain, RecoverConfig, StudentOverride,
-                             Task, TrainRecipe)
+from cdabench.schema import (AugmentSpec, ContinualSuite, CropSchedule, KDConfig, Method, PostTrain, RecoverConfig,
+                             SequentialSettings, StudentOverride, Task, TrainRecipe)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,6 +63,7 @@ _NESTED = {
     (PostTrain, "kd"): KDConfig,
     (PostTrain, "students"): dict,
     (Method, "crop"): CropSchedule,
+    (ContinualSuite, "sequential"): SequentialSettings,
 }
 _DICT_VALUE = {(Task, "recover"): RecoverConfig, (PostTrain, "students"): StudentOverride}
 

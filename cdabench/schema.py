@@ -263,3 +263,55 @@ class Suite:
     hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair)
     seeds: tuple[int, ...] = (0, 1)
     path: str = ""
+
+
+# ---------------------------------------------------------------- continual suites (docs/continual.md)
+CONTINUAL_PROTOCOLS = ("retrain", "sequential")
+SEQUENTIAL_STRATEGIES = ("naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace")  # continual/sequential.py
+
+
+@dataclass(frozen=True)
+class SequentialSettings:
+    """Training of the sequential protocol (not tuned: Avalanche's example values where it has them)."""
+
+    epochs: int = 2                 # per experience
+    batch_size: int = 32            # stream mini-batch; replay/DER/ER-ACE add a memory batch of the same size
+    optimizer: str = "adam"         # adam | sgd; constant learning rate (Avalanche's default loop)
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    ewc_lambda: float = 10.0
+    der_alpha: float = 0.1
+    der_beta: float = 0.5
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"sequential optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("sequential epochs and batch_size must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ContinualSuite:
+    name: str
+    kind: str = "continual"
+    description: str = ""
+    task: str = "digits"
+    steps: tuple[int, ...] = (5,)
+    protocols: tuple[str, ...] = CONTINUAL_PROTOCOLS
+    strategies: tuple[str, ...] = SEQUENTIAL_STRATEGIES
+    memories: tuple[str, ...] = ("random", "herding", "cda", "sre2l")   # replay memories (and retrain's by default)
+    retrain_memories: tuple[str, ...] | None = None   # None: the same as memories
+    unmasked: tuple[str, ...] = ()        # retrain also runs the papers' unmasked variant for these memories
+    ipc: int | None = None                # images per class of every memory; None: the task's first IPC
+    seeds: tuple[int, ...] = (0,)         # seeds the class order, the memory selection and the training
+    class_order: str = "cdabench"         # or "sre2l-cl": the official SRe2L continual script's permutation
+    student: str = "resnet18"
+    retrain_epochs: int | None = None     # None: the task's post-train epochs
+    sequential: SequentialSettings = field(default_factory=SequentialSettings)
+    path: str = ""

@@ -263,6 +263,17 @@ def test_the_shipped_suite_loads_and_expands():
     assert all(c.ipc == load_task(suite.task).ipcs[0] for c in cells)
 
 
+def test_a_suite_file_by_path_loads_its_sequential_table_and_names_a_wrong_key(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(TINY_SUITE.format(task="digits"))
+    suite = load_continual_suite(str(path))
+    assert suite.name == "mine" and suite.path == str(path)
+    assert suite.sequential == SequentialSettings(epochs=1, lr=0.003)
+    path.write_text(TINY_SUITE.format(task="digits") + "epoch = 2\n")
+    with pytest.raises(ConfigError, match=r"mine.toml.sequential: unknown key\(s\) epoch; known keys: .*epochs"):
+        load_continual_suite(str(path))
+
+
 # -------------------------------------------------------------- Tiny-ImageNet
 def test_tiny_imagenet_fixture_loads_offline_and_builds_5x40_and_10x20(tmp_path, monkeypatch):
     make_tiny_imagenet(tmp_path / "data", per_class=2, val_per_class=1)

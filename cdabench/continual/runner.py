@@ -11,50 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 
 from cdabench import artifacts, progress, records
-from cdabench.config import (ConfigError, build, load_method, load_task, locate, read_toml, split_settings,
+from cdabench.config import (ConfigError, load_method, load_named, load_task, locate, read_toml, split_settings,
                              with_holdout)
 from cdabench.continual import metrics
 from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name, load_memory
 from cdabench.continual.retrain import run_retrain
 from cdabench.continual.scenario import class_order, scenario_for, split_steps
-from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, SequentialSettings, check_strategy,
-                                           memory_kind, run_sequential)
+from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, check_strategy, memory_kind,
+                                           run_sequential)
 from cdabench.distill.context import check_ipc, open_context
 from cdabench.distill.pipeline import distill, student_recipe
 from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
 from cdabench.runtime import device_description, versions
+from cdabench.schema import CONTINUAL_PROTOCOLS, ContinualSuite
 from cdabench.suite import distill_key, distill_seed
 
-PROTOCOLS = ("retrain", "sequential")
+PROTOCOLS = CONTINUAL_PROTOCOLS
 KIND = "continual"
-
-
-@dataclass(frozen=True)
-class ContinualSuite:
-    name: str
-    kind: str = KIND
-    description: str = ""
-    task: str = "digits"
-    steps: tuple[int, ...] = (5,)
-    protocols: tuple[str, ...] = PROTOCOLS
-    strategies: tuple[str, ...] = STRATEGIES
-    memories: tuple[str, ...] = ("random", "herding", "cda", "sre2l")   # replay memories (and retrain's by default)
-    retrain_memories: tuple[str, ...] | None = None   # None: the same as memories
-    unmasked: tuple[str, ...] = ()        # retrain also runs the papers' unmasked variant for these memories
-    ipc: int | None = None                # images per class of every memory; None: the task's first IPC
-    seeds: tuple[int, ...] = (0,)         # seeds the class order, the memory selection and the training
-    class_order: str = "cdabench"         # or "sre2l-cl": the official SRe2L continual script's permutation
-    student: str = "resnet18"
-    retrain_epochs: int | None = None     # None: the task's post-train epochs
-    sequential: SequentialSettings = field(default_factory=SequentialSettings)
-    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,12 +65,7 @@ def is_continual_suite(name: str) -> bool:
 
 
 def load_continual_suite(name: str) -> ContinualSuite:
-    path = locate("suites", name)
-    data = read_toml(path)
-    data.setdefault("name", path.name.removesuffix(".toml"))
-    sequential = build(SequentialSettings, data.pop("sequential", {}), f"{path} [sequential]")
-    suite = build(ContinualSuite, data, str(path))
-    return dataclasses.replace(suite, sequential=sequential, path=str(path))
+    return load_named("suites", ContinualSuite, name)
 
 
 def narrow(suite: ContinualSuite, task=None, ipcs=None, students=None, seeds=None, methods=None, steps=None,

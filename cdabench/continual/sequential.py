@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,8 +30,9 @@ from cdabench.continual import avalanche_env
 from cdabench.continual.retrain import ProtocolOutcome
 from cdabench.continual.scenario import Scenario, avalanche_dataset, evaluate_experiences, subset_by_classes
 from cdabench.distill.train import ImageBank, Normalizer
+from cdabench.schema import SEQUENTIAL_STRATEGIES, SequentialSettings
 
-STRATEGIES = ("naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace")
+STRATEGIES = SEQUENTIAL_STRATEGIES
 MEMORY_STRATEGIES = ("replay",)                 # fed by a memory source (random, herding, cda, sre2l)
 OWN_BUFFER_STRATEGIES = ("gdumb", "der", "er_ace")  # Avalanche's buffers, mem_size = ipc x classes
 EXCLUDED = {
@@ -59,32 +59,6 @@ def memory_kind(strategy: str) -> str:
     if strategy in MEMORY_STRATEGIES:
         return "source"
     return "own-buffer" if strategy in OWN_BUFFER_STRATEGIES else "none"
-
-
-@dataclass(frozen=True)
-class SequentialSettings:
-    """Training of the sequential protocol (not tuned: Avalanche's example values where it has them)."""
-
-    epochs: int = 2                 # per experience
-    batch_size: int = 32            # stream mini-batch; replay/DER/ER-ACE add a memory batch of the same size
-    optimizer: str = "adam"         # adam | sgd; constant learning rate (Avalanche's default loop)
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lwf_alpha: float = 1.0
-    lwf_temperature: float = 2.0
-    ewc_lambda: float = 10.0
-    der_alpha: float = 0.1
-    der_beta: float = 0.5
-
-    def __post_init__(self):
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"sequential optimizer must be adam or sgd, got {self.optimizer!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("sequential epochs and batch_size must be positive")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 _CLASSES: dict = {}
