@@ -67,7 +67,7 @@ _NESTED = {
 }
 _DICT_VALUE = {(Task, "recover"): RecoverConfig, (PostTrain, "students"): StudentOverride}
 
-# CDA is the product's own method, so it is declared here; the baselines are data (baselines/).
+# CDA is the product's own method, so it is declared here; the baselines are data (cdabench/builtin/baselines/).
 CDA = Method(name="cda", kind="recover", crop=CropSchedule(kind="cosine", milestone=1.0),
              description="Curriculum Data Augmentation: SRe2L recover with an easy-to-hard crop-scale curriculum")
 

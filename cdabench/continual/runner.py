@@ -1,6 +1,6 @@
 """The `continual` suite: `cdabench run --suite continual`.
 
-A suite TOML with `kind = "continual"` (suites/continual.toml) declares the task, the step counts,
+A suite TOML with `kind = "continual"` (cdabench/builtin/suites/continual.toml) declares the task, the step counts,
 the protocols (`retrain`, `sequential`), the strategies, the memory sources, the memory size (images
 per class) and the seeds. Every memory is distilled once (pipeline.distill into
 <out>/distilled/..., the same folders `cdabench run` uses for the cross-arch suite), every cell
