@@ -1,0 +1,261 @@
+"""The recover engine (docs/recover.md): parameters drawn up front, K shards per forward, per-shard
+BN statistics, the background writer, the deal of unfinished shards and the recorded precision."""
+from __future__ import annotations
+
+import copy
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cdabench.augment import sample_crop_box
+from cdabench.distill.bn_loss import BNStatisticsLoss
+from cdabench.distill.crop_schedule import CropSchedule
+from cdabench.distill.recover import (ImageWriter, RecoverConfig, freeze, group_shards, initial_noise,
+                                      plan_shards, recover_batch, recover_shards, run_recover,
+                                      sample_recover_draws)
+from cdabench.runtime import ProcessGroup, bf16_supported
+
+from .conftest import make_tiny_bn_net
+
+MEAN, STD = (0.5,), (0.25,)
+CPU = torch.device("cpu")
+
+
+def _config(**changes) -> RecoverConfig:
+    base = dict(iterations=6, lr=0.25, r_bn=0.01, batch_size=4, jitter=1, crop=CropSchedule("cosine", 1.0))
+    base.update(changes)
+    return RecoverConfig(**base)
+
+
+# ------------------------------------------------------------ draws
+def _streamed(config: RecoverConfig, seed: int, height: int, width: int):
+    """The draws as the loop of earlier versions took them, one iteration at a time."""
+    rng = np.random.default_rng(seed)
+    boxes, flips, shifts = [], [], []
+    for t in range(config.iterations):
+        box = (0, 0, height, width)
+        if config.crop.crops:
+            box = sample_crop_box(rng, height, width, config.crop.scale(t, config.iterations))
+        boxes.append(box)
+        flips.append(bool(config.flip and rng.random() < 0.5))
+        shift = (0, 0)
+        if config.jitter > 0:
+            low = -config.jitter if config.jitter_symmetric else 0
+            shift = tuple(int(v) for v in rng.integers(low, config.jitter + 1, size=2))
+        shifts.append(shift)
+    return boxes, flips, shifts
+
+
+@pytest.mark.parametrize("changes", [
+    {},                                                              # CDA: cosine curriculum
+    {"crop": CropSchedule("fixed"), "jitter_symmetric": True},       # SRe2L, Tiny's symmetric jitter
+    {"crop": CropSchedule("none")},                                  # no crop: roll and flip only
+    {"crop": CropSchedule("step", 0.5), "flip": False, "jitter": 0},  # crops only
+    {"crop": CropSchedule("none"), "flip": False, "jitter": 3},
+])
+def test_draws_reproduce_the_streamed_order(changes):
+    config = _config(iterations=40, **changes)
+    for seed in (0, 7, 123456789):
+        draws = sample_recover_draws(config, seed, 12, 10)
+        boxes, flips, shifts = _streamed(config, seed, 12, 10)
+        assert draws.boxes.dtype == torch.int64 and draws.boxes.shape == (40, 4)
+        assert draws.flips.dtype == torch.bool and draws.flips.shape == (40,)
+        assert draws.shifts.dtype == torch.int64 and draws.shifts.shape == (40, 2)
+        assert [tuple(b) for b in draws.boxes.tolist()] == boxes
+        assert draws.flips.tolist() == flips
+        assert [tuple(s) for s in draws.shifts.tolist()] == shifts
+    # The draws are used: some flips, some non-trivial offsets and boxes when enabled.
+    if config.flip:
+        assert 0 < int(draws.flips.sum()) < 40
+    if config.jitter:
+        assert draws.shifts.abs().max() > 0
+
+
+def test_draws_need_a_crop_schedule():
+    with pytest.raises(ValueError, match="recover_config"):
+        sample_recover_draws(RecoverConfig(crop=None), 0, 8, 8)
+
+
+def test_initial_noise_is_the_seeded_normal():
+    expected = torch.randn((3, 1, 4, 5), generator=torch.Generator().manual_seed(42))
+    assert torch.equal(initial_noise(42, 3, (1, 4, 5)), expected)
+    assert not torch.equal(initial_noise(43, 3, (1, 4, 5)), expected)
+
+
+# ---------------------------------------------------- per-shard BN loss
+def test_shard_bn_loss_is_each_shards_own_loss():
+    torch.manual_seed(0)
+    net = make_tiny_bn_net().eval()
+    for m in net.modules():   # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    parts = [torch.randn(3, 1, 8, 8) * (k + 1) for k in range(3)]
+    with torch.no_grad(), BNStatisticsLoss(net) as single:
+        alone = []
+        for part in parts:
+            net(part)
+            alone.append(single.value())
+    with torch.no_grad(), BNStatisticsLoss(net, shards=3) as sharded:
+        net(torch.cat(parts))
+        together = sharded.value()
+    assert together.shape == (3,)
+    assert torch.allclose(together, torch.stack(alone), rtol=1e-5)
+    with torch.no_grad(), BNStatisticsLoss(net, shards=3, fused=True) as fused:
+        net(torch.cat(parts))
+        assert torch.allclose(fused.value(), together, rtol=1e-5)
+    with BNStatisticsLoss(net, shards=2) as bad, pytest.raises(ValueError, match="equal shards"):
+        net(torch.randn(3, 1, 8, 8))
+        bad.value()
+
+
+# ------------------------------------------------------- K shards
+def test_k_shards_equal_each_shard_alone():
+    teacher = freeze(make_tiny_bn_net(num_classes=3))
+    labels = [[0, 1, 2, 0], [2, 2, 1, 0], [1, 0, 2, 1]]
+    seeds = [5, 6, 7]
+    for config in (_config(), _config(crop=CropSchedule("fixed"), jitter_symmetric=True)):
+        together = recover_shards(teacher, labels, config, seeds, (1, 8, 8), MEAN, STD, CPU)
+        assert len(together) == 3
+        for (images, stats), ls, seed in zip(together, labels, seeds):
+            alone, alone_stats = recover_batch(teacher, ls, config, seed, (1, 8, 8), MEAN, STD, CPU)
+            assert images.shape == alone.shape == (4, 1, 8, 8) and images.dtype == torch.uint8
+            diff = (images.int() - alone.int()).abs()
+            assert diff.max() <= 1 and (diff == 0).float().mean() > 0.95   # float rounding only
+            assert stats == pytest.approx(alone_stats, rel=1e-4)
+        # The shards differ from each other (each has its own noise and augmentation stream).
+        assert not torch.equal(together[0][0], together[1][0])
+
+
+def test_k_shards_report_per_shard_losses_and_check_sizes():
+    teacher = freeze(make_tiny_bn_net(num_classes=3))
+    seen = []
+    recover_shards(teacher, [[0, 1], [2, 0]], _config(iterations=2), [1, 2], (1, 8, 8), MEAN, STD, CPU,
+                   on_step=lambda t, ce, bn: seen.append((t, ce.shape, bn.shape, ce.requires_grad)))
+    assert seen == [(0, (2,), (2,), False), (1, (2,), (2,), False)]
+    with pytest.raises(ValueError, match="one size"):
+        recover_shards(teacher, [[0, 1], [2]], _config(), [1, 2], (1, 8, 8), MEAN, STD, CPU)
+    with pytest.raises(ValueError, match="one label list per seed"):
+        recover_shards(teacher, [[0, 1]], _config(), [1, 2], (1, 8, 8), MEAN, STD, CPU)
+    with pytest.raises(ValueError, match="shards_per_forward"):
+        RecoverConfig(shards_per_forward=-1)
+
+
+def test_group_shards_keeps_sizes_apart():
+    shards = plan_shards(250, 2, 100)       # chunks of 100, 100, 50 classes, 2 groups each
+    groups = group_shards(shards, 4)
+    assert [len(g) for g in groups] == [4, 2]
+    assert [len(g[0].labels) for g in groups] == [100, 50]
+    assert [s for g in groups for s in g] == shards
+    assert [len(g) for g in group_shards(shards, 1)] == [1] * 6
+    uneven = plan_shards(3, 5, 6)             # IPC groups (0,1), (2,3), (4,)
+    assert [[s.ipc_indices for s in g] for g in group_shards(uneven, 3)] == [[(0, 1), (2, 3)], [(4,)]]
+
+
+# --------------------------------------------------------- run_recover
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "images").rglob("*"))
+            if p.is_file()}
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image, dtype=np.int64)
+
+
+def _run_args(config, **changes):
+    args = dict(class_folders=["a", "b", "c"], ipc=4, config=config, seed=9, shape=(1, 8, 8), mean=MEAN,
+                std=STD, device=CPU)
+    args.update(changes)
+    return args
+
+
+def test_run_recover_k_shards_records_and_matches_one_per_forward(tmp_path):
+    teacher = make_tiny_bn_net(num_classes=3)
+    one = run_recover(teacher, tmp_path / "k1", **_run_args(_config(batch_size=3)))
+    two = run_recover(teacher, tmp_path / "k2", **_run_args(_config(batch_size=3, shards_per_forward=2)))
+    assert sorted(one) == sorted(two) == [f"c0000_g{g:04d}" for g in range(4)]
+    for name in one:
+        assert one[name]["shards_per_forward"] == 1 and one[name]["reproducible"] == "bitwise"
+        assert two[name]["shards_per_forward"] == 2 and two[name]["reproducible"] == "float"
+        assert one[name]["precision"] == two[name]["precision"] == "fp32"
+        assert one[name]["device"] == "cpu"
+    a, b = _files(tmp_path / "k1"), _files(tmp_path / "k2")
+    assert sorted(a) == sorted(b) and len(a) == 12
+    for rel in a:
+        diff = np.abs(_pixels(a[rel]) - _pixels(b[rel]))
+        assert diff.max() <= 1
+
+
+@pytest.mark.skipif(not bf16_supported(CPU), reason="this CPU has no native bf16")
+def test_bf16_recovers_on_cpu_and_records_its_precision(tmp_path):
+    teacher = make_tiny_bn_net(num_classes=3)
+    config = _config(batch_size=3, precision="bf16")
+    result = run_recover(teacher, tmp_path / "bf16", **_run_args(config, ipc=1))
+    marker = result["c0000_g0000"]
+    assert marker["precision"] == "bf16" and all(np.isfinite([marker["final_ce"], marker["final_bn"]]))
+    fp32 = run_recover(teacher, tmp_path / "fp32", **_run_args(_config(batch_size=3), ipc=1))
+    assert fp32["c0000_g0000"]["precision"] == "fp32"
+    # bf16 runs a different arithmetic: the files differ, the BN loss stays close.
+    assert _files(tmp_path / "bf16") != _files(tmp_path / "fp32")
+    assert marker["final_bn"] == pytest.approx(fp32["c0000_g0000"]["final_bn"], rel=0.05)
+
+
+class _ThreadGroup(ProcessGroup):
+    """Ranks as threads of one process, with a real barrier between them."""
+
+    barrier_object: threading.Barrier | None = None
+
+    def barrier(self) -> None:
+        type(self).barrier_object.wait(timeout=120)
+
+
+def test_resumed_run_deals_unfinished_shards_across_ranks(tmp_path):
+    """4 shards, rank 0's share of a first 2-rank run finished (shards 0 and 2). Dealt after
+    skipping, each rank of the resumed run gets one of the 2 left; dealt before, rank 0 would idle
+    and rank 1 would do both."""
+    out = tmp_path / "run"
+    config = _config(batch_size=3)
+    teacher = make_tiny_bn_net(num_classes=3)
+    # Rank 0 alone of a 2-rank deal: shards 0 and 2 (of todo = all four).
+    _ThreadGroup.barrier_object = threading.Barrier(1)
+    with pytest.raises(KeyboardInterrupt):
+        run_recover(copy.deepcopy(teacher), out, group=_ThreadGroup(rank=0, world=2), stop_after=2,
+                    **_run_args(config))
+    assert sorted(p.stem for p in (out / "shards").glob("*.json")) == ["c0000_g0000", "c0000_g0002"]
+
+    _ThreadGroup.barrier_object = threading.Barrier(2)
+    outcome = {}
+
+    def rank(r):
+        try:
+            run_recover(copy.deepcopy(teacher), out, group=_ThreadGroup(rank=r, world=2), stop_after=1,
+                        **_run_args(config))
+            outcome[r] = "finished without reaching one shard"
+        except KeyboardInterrupt:
+            outcome[r] = "did one shard"
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcome == {0: "did one shard", 1: "did one shard"}
+    assert sorted(p.stem for p in (out / "shards").glob("*.json")) == [f"c0000_g{g:04d}" for g in range(4)]
+
+
+def test_image_writer_raises_the_writers_error_and_finishes_queued_work():
+    written = []
+
+    def fail():
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        with ImageWriter() as writer:
+            writer.submit(written.append, 1)
+            writer.submit(fail)
+            writer.submit(written.append, 2)
+    assert written == [1, 2]   # work queued before and after the failure still ran
