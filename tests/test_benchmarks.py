@@ -7,16 +7,19 @@ Compare against a saved baseline from the same machine on `min`, never `mean` (n
 """
 from __future__ import annotations
 
+import random
 import resource
 
 import numpy as np
+import pytest
 import torch
+from torch import nn
 
 from cdabench.distill.labels import OnlineKD
-from cdabench.distill.recover import freeze, recover_batch
+from cdabench.distill.recover import RecoverConfig, freeze, recover_batch, recover_shards
 from cdabench.distill.train import ImageBank, Normalizer, make_optimizer, train_step
 from cdabench.models import create_model
-from cdabench.schema import AugmentSpec, CropSchedule, RecoverConfig, TrainRecipe
+from cdabench.runtime import bf16_supported
 
 SHAPE = (1, 8, 8)  # the embedded default's working shape
 MEAN, STD = (0.3054,), (0.3760,)
@@ -37,6 +40,118 @@ def test_recover_iteration(benchmark):
     # Recover optimises the images only: no weight gradient is ever computed.
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
+
+
+# ------------------------------------------------ recover throughput at the Tiny-ImageNet shape
+# ResNet-18 with the small stem, 64 px, batch 100, 200 classes (Tiny-ImageNet's CDA recover), a
+# random-init teacher (speed does not depend on the weights). A few iterations only: this CPU
+# takes seconds per iteration. With benchmarks disabled (the normal suite) the same code runs once
+# at 16 px, batch 10, as a test of what it measures.
+TINY_CLASSES, TINY_ITERATIONS = 200, 2
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _tiny_shape(benchmark) -> tuple[int, int]:
+    """(image size, batch): the Tiny-ImageNet shape when measuring, a small one otherwise."""
+    return (16, 10) if benchmark.disabled else (64, 100)
+
+
+def _tiny_teacher(size: int) -> nn.Module:
+    torch.manual_seed(0)
+    return freeze(create_model("resnet18", TINY_CLASSES, 3, size))
+
+
+def _record_throughput(benchmark, images: int) -> None:
+    if benchmark.stats is not None:   # image-iterations per second from the fastest round
+        benchmark.extra_info["image_iterations_per_s"] = images * TINY_ITERATIONS / benchmark.stats.stats.min
+    benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_recover_throughput(benchmark, shards, precision):
+    """cdabench's recover engine: K shards of B images per teacher forward (CDA's schedule)."""
+    if precision == "bf16" and not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    size, batch = _tiny_shape(benchmark)
+    teacher = _tiny_teacher(size)
+    config = RecoverConfig(iterations=TINY_ITERATIONS, batch_size=batch, jitter=4, crop=CropSchedule("cosine", 1.0),
+                           precision=precision, shards_per_forward=shards)
+    labels = [[(k * batch + i) % TINY_CLASSES for i in range(batch)] for k in range(shards)]
+    results = benchmark.pedantic(recover_shards, args=(teacher, labels, config, list(range(shards)), (3, size, size),
+                                                      IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu")),
+                                 rounds=1, iterations=1)
+    assert len(results) == shards and all(images.shape == (batch, 3, size, size) for images, _ in results)
+    # Recover optimises the images only: no weight gradient is ever computed.
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    _record_throughput(benchmark, shards * batch)
+
+
+class _OfficialBNHook:
+    """The official code's BNFeatureHook: one object per BN layer, variance through a permute."""
+
+    def __init__(self, module: nn.BatchNorm2d):
+        self.hook = module.register_forward_hook(self.hook_fn)
+
+    def hook_fn(self, module, input, output):
+        nch = input[0].shape[1]
+        mean = input[0].mean([0, 2, 3])
+        var = input[0].permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+
+    def close(self):
+        self.hook.remove()
+
+
+def official_reference_loop(teacher: nn.Module, targets: torch.Tensor, size: int, iterations: int,
+                            seed: int = 0) -> torch.Tensor:
+    """The official CDA recover iteration's structure, transcribed (official-side-by-side.md): a new
+    Compose(RandomResizedCrop, RandomHorizontalFlip) on the batch tensor each iteration (one box
+    and one flip per batch), Python `random` roll offsets, per-layer hook objects, the cosine lr set
+    every iteration, and the per-channel clamp of `inputs.data`. fp32, as the official code."""
+    from torchvision import transforms
+
+    torch.manual_seed(seed)              # torchvision's transforms draw from the global generator
+    offsets = random.Random(seed)        # the official code uses the global `random`; seeded here
+    schedule, jitter, lr, r_bn, first_bn_multiplier = CropSchedule("cosine", 1.0), 4, 0.25, 0.01, 10.0
+    hooks = [_OfficialBNHook(m) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    inputs = torch.randn((len(targets), 3, size, size), requires_grad=True)
+    optimizer = torch.optim.Adam([inputs], lr=lr, betas=[0.5, 0.9], eps=1e-8)
+    criterion = nn.CrossEntropyLoss()
+    for iteration in range(iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * (1 + np.cos(np.pi * iteration / iterations)) * lr
+        aug = transforms.Compose([transforms.RandomResizedCrop(size, scale=(schedule.lower(iteration, iterations), 1)),
+                                  transforms.RandomHorizontalFlip()])
+        inputs_jit = aug(inputs)
+        off1, off2 = offsets.randint(0, jitter), offsets.randint(0, jitter)
+        inputs_jit = torch.roll(inputs_jit, shifts=(off1, off2), dims=(2, 3))
+        optimizer.zero_grad()
+        outputs = teacher(inputs_jit)
+        loss_ce = criterion(outputs, targets)
+        rescale = [first_bn_multiplier] + [1.0 for _ in range(len(hooks) - 1)]
+        loss_r_bn_feature = sum([mod.r_feature * rescale[idx] for (idx, mod) in enumerate(hooks)])
+        loss = loss_ce + r_bn * loss_r_bn_feature
+        loss.backward()
+        optimizer.step()
+        for c in range(3):
+            m, s = IMAGENET_MEAN[c], IMAGENET_STD[c]
+            inputs.data[:, c] = torch.clamp(inputs.data[:, c], -m / s, (1 - m) / s)
+    for hook in hooks:
+        hook.close()
+    return inputs.detach()
+
+
+def test_recover_throughput_official_reference(benchmark):
+    """The reference for test_recover_throughput: the official loop's structure, same teacher and shape."""
+    size, batch = _tiny_shape(benchmark)
+    teacher = _tiny_teacher(size)
+    targets = torch.arange(batch) % TINY_CLASSES
+    images = benchmark.pedantic(official_reference_loop, args=(teacher, targets, size, TINY_ITERATIONS),
+                                rounds=1, iterations=1)
+    assert images.shape == (batch, 3, size, size) and torch.isfinite(images).all()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    _record_throughput(benchmark, batch)
 
 
 def test_posttrain_step(benchmark):
