@@ -114,6 +114,32 @@ def test_shard_bn_loss_is_each_shards_own_loss():
         bad.value()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_statistics_and_gradient_match_fp32_reference(channels_last):
+    """bf16 BN inputs take the one-pass fp32-accumulating moments; their values and input
+    gradients equal the plain mean / var of the same (bf16-rounded) numbers computed in fp64."""
+    from cdabench.distill.bn_loss import shard_statistics
+
+    torch.manual_seed(0)
+    x = (torch.randn(6, 5, 7, 4) * 2 + 0.5).to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(2, 2, 5)
+    x_low = x.clone().requires_grad_(True)
+    mean, var = shard_statistics(x_low, 3)      # 3 shards of 2
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (3, 5)
+    ((weights[0, :1] * mean[:1]).sum() + (weights[1, 0] * var[0]).sum() + var[1:].sum()).backward()
+
+    x_ref = x.double().requires_grad_(True)
+    per = x_ref.unflatten(0, (3, 2))
+    ref_mean, ref_var = per.mean(dim=(1, 3, 4)), per.var(dim=(1, 3, 4), unbiased=False)
+    ((weights[0, :1].double() * ref_mean[:1]).sum() + (weights[1, 0].double() * ref_var[0]).sum()
+     + ref_var[1:].sum()).backward()
+    assert torch.allclose(mean.double(), ref_mean, atol=1e-5) and torch.allclose(var.double(), ref_var, rtol=1e-4)
+    assert x_low.grad.dtype == torch.bfloat16
+    assert torch.allclose(x_low.grad.double(), x_ref.grad, rtol=1e-2, atol=1e-3)   # bf16 rounding of the result
+
+
 # ------------------------------------------------------- K shards
 def test_k_shards_equal_each_shard_alone():
     teacher = freeze(make_tiny_bn_net(num_classes=3))
