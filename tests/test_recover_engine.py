@@ -285,3 +285,19 @@ def test_image_writer_raises_the_writers_error_and_finishes_queued_work():
             writer.submit(fail)
             writer.submit(written.append, 2)
     assert written == [1, 2]   # work queued before and after the failure still ran
+
+
+def test_gpu_script_dry_run_on_cpu(capsys):
+    """benchmarks/gpu_recover.py runs end to end (on a CPU, small) and prints one row per setting."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_recover.py"
+    spec = importlib.util.spec_from_file_location("gpu_recover", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--sizes", "8", "--shards", "1", "2", "--precisions", "fp32",
+                        "--warmup", "1", "--steps", "1", "--batch", "4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["8"]]
+    assert [(r[1], r[2]) for r in rows] == [("1", "fp32"), ("2", "fp32")]
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)   # ms per step, projected hours

@@ -189,16 +189,19 @@ class _ShardViews:
         self.shards, self.batch, self.size = len(draws), batch, size
         self.crops = config.crop.crops
         self.roll = config.jitter > 0
-        # (T, K*B, 4): shard k's box repeated for its B images (the official loop crops a batch
-        # with one box); int64 on the device, 32 bytes an image-iteration.
-        self.boxes = (torch.stack([d.boxes for d in draws], 1).repeat_interleave(batch, dim=1).to(device)
-                      if self.crops else None)
+        # (T, K, 4) on the device, moved once; each shard's box serves its B images (the official
+        # loop crops a batch with one box).
+        self.boxes = torch.stack([d.boxes for d in draws], 1).to(device) if self.crops else None
         self.flips = [d.flips.tolist() for d in draws]
         self.shifts = [[tuple(s) for s in d.shifts.tolist()] for d in draws]
         self.channels_last = channels_last
 
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        view = crop_resize(x, self.boxes[t], self.size) if self.crops else x
+        if self.crops:   # expand, not repeat_interleave: no size computed from device values
+            boxes = self.boxes[t][:, None, :].expand(self.shards, self.batch, 4).reshape(-1, 4)
+            view = crop_resize(x, boxes, self.size)
+        else:
+            view = x
         parts = view.split(self.batch) if self.shards > 1 else [view]
         out = []
         for k, part in enumerate(parts):
