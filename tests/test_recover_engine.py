@@ -301,3 +301,11 @@ def test_gpu_script_dry_run_on_cpu(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["8"]]
     assert [(r[1], r[2]) for r in rows] == [("1", "fp32"), ("2", "fp32")]
     assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)   # ms per step, projected hours
+
+
+def test_shards_per_forward_is_not_a_setting_of_the_images():
+    """K changes how shards are batched, not what they are: the settings that key a distilled set
+    (distill.json, suite.distill_key) are the same for every K."""
+    assert _config(shards_per_forward=4).to_dict() == _config().to_dict()
+    assert "shards_per_forward" not in _config().to_dict()
+    assert _config(precision="bf16").to_dict() != _config(precision="fp32").to_dict()

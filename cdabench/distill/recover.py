@@ -32,7 +32,8 @@ from torch import nn
 from cdabench import artifacts, progress
 from cdabench.augment import crop_resize, sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
-from cdabench.runtime import ProcessGroup, autocast
+from cdabench.distill.crop_schedule import CropSchedule
+from cdabench.runtime import ProcessGroup, autocast, check_precision
 
 MAX_AUTO_SHARDS = 8       # beyond this a GPU gains little from a larger batch (docs/recover.md)
 PROGRESS_EVERY = 50       # iterations between progress lines that read the losses (a device sync)
@@ -61,7 +62,13 @@ class RecoverConfig:
             raise ValueError(f"shards_per_forward must be >= 0 (0: automatic), got {self.shards_per_forward}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What the images depend on. `shards_per_forward` says only how the work is batched (each
+        shard's images are the same up to float rounding; its marker records K), so it is left
+        out: distill keys and distill.json stay those of earlier versions, and a run resumes
+        with another K."""
+        settings = dataclasses.asdict(self)
+        del settings["shards_per_forward"]
+        return settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +245,7 @@ def recover_shards(teacher: nn.Module, labels: list[list[int]], config: RecoverC
     if any(len(ls) != batch for ls in labels):
         raise ValueError(f"shards run together need one size, got {sorted({len(ls) for ls in labels})}: "
                          "group shards of equal size (run_recover does)")
-    precision = config.precision or "fp32"
+    precision = check_precision(config.precision or "fp32", device)
     channels, height, width = shape
     draws = [sample_recover_draws(config, seed, height, width) for seed in seeds]
     views = _ShardViews(draws, config, batch, (height, width), device, use_channels_last(device, precision))
