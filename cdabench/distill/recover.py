@@ -54,7 +54,7 @@ class RecoverConfig:
     precision: str | None = None     # "fp32" | "bf16" (teacher forward under bf16 autocast); None: the task's
     clamp_to: str = "normalised"     # "normalised": per-channel image of [0,1]; "unit": [0,1] (ImageNet-21K-P)
     # Shards optimised together in one teacher forward (K x batch_size images). 0: automatic, 1 on
-    # a CPU (no faster there: tests/test_benchmarks.py) and what the free memory holds on a GPU.
+    # a CPU (no reliable gain measured there; bitwise resume) and what free memory holds on a GPU.
     shards_per_forward: int = 0
 
     def __post_init__(self):
@@ -306,9 +306,9 @@ def shard_bytes_probe(teacher: nn.Module, config: RecoverConfig, batch: int, sha
 
 def resolve_shards_per_forward(teacher: nn.Module, config: RecoverConfig, batch: int,
                                shape: tuple[int, int, int], device: torch.device) -> int:
-    """K: the configured value, else 1 on a CPU (compute-bound: a larger batch gains nothing,
-    tests/test_benchmarks.py) and, on a GPU, as many shards as half the free memory holds, at
-    most MAX_AUTO_SHARDS, from one probe iteration's measured peak."""
+    """K: the configured value, else 1 on a CPU (compute-bound: K > 1 measured no reliable gain,
+    docs/recover.md, and K = 1 keeps bitwise resume) and, on a GPU, as many shards as half the
+    free memory holds, at most MAX_AUTO_SHARDS, from one probe iteration's measured peak."""
     if config.shards_per_forward > 0:
         return config.shards_per_forward
     if device.type != "cuda":
