@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from tests.test_benchmarks import official_reference_loop, _tiny_teacher, IMAGENET_MEAN, IMAGENET_STD
 from cdabench.distill.recover import RecoverConfig, recover_shards
-from cdabench.distill.crop_schedule import CropSchedule
+from cdabench.schema import CropSchedule
 B, T, ROUNDS = 100, int(sys.argv[1]), int(sys.argv[2])
 teacher = _tiny_teacher(64)
 def ours(prec, K):

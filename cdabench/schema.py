@@ -104,9 +104,23 @@ class RecoverConfig:
     image_format: str = "png"        # "jpeg75" reproduces the official output
     precision: str | None = None     # "fp32" | "bf16" (teacher forward under bf16 autocast); None: the task's
     clamp_to: str = "normalised"     # "normalised": per-channel image of [0,1]; "unit": [0,1] (ImageNet-21K-P)
+    # Shards optimised together in one teacher forward (K x batch_size images). 0: automatic, 1 on
+    # a CPU (no reliable gain measured there; bitwise resume) and what free memory holds on a GPU
+    # (docs/recover.md).
+    shards_per_forward: int = 0
+
+    def __post_init__(self):
+        if self.shards_per_forward < 0:
+            raise ValueError(f"shards_per_forward must be >= 0 (0: automatic), got {self.shards_per_forward}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the images depend on. `shards_per_forward` says only how the work is batched (each
+        shard's images are the same up to float rounding; its marker records K), so it is left
+        out: distill keys and distill.json stay those of earlier versions, and a run resumes
+        with another K."""
+        settings = asdict(self)
+        del settings["shards_per_forward"]
+        return settings
 
 
 # ---------------------------------------------------------------- training recipes, tasks, methods

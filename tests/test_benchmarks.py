@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from cdabench.distill.labels import OnlineKD
-from cdabench.distill.recover import RecoverConfig, freeze, recover_batch, recover_shards
+from cdabench.distill.recover import freeze, recover_batch, recover_shards
 from cdabench.distill.train import ImageBank, Normalizer, make_optimizer, train_step
 from cdabench.models import create_model
 from cdabench.runtime import bf16_supported
+from cdabench.schema import AugmentSpec, CropSchedule, RecoverConfig, TrainRecipe
 
 SHAPE = (1, 8, 8)  # the embedded default's working shape
 MEAN, STD = (0.3054,), (0.3760,)

@@ -32,43 +32,11 @@ from torch import nn
 from cdabench import artifacts, progress
 from cdabench.augment import crop_resize, sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
-from cdabench.distill.crop_schedule import CropSchedule
 from cdabench.runtime import ProcessGroup, autocast, check_precision
+from cdabench.schema import RecoverConfig
 
 MAX_AUTO_SHARDS = 8       # beyond this a GPU gains little from a larger batch (docs/recover.md)
 PROGRESS_EVERY = 50       # iterations between progress lines that read the losses (a device sync)
-
-
-@dataclasses.dataclass(frozen=True)
-class RecoverConfig:
-    iterations: int = 1000
-    lr: float = 0.25
-    r_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    batch_size: int = 100
-    jitter: int = 4
-    jitter_symmetric: bool = False   # offsets in [-J, J] (SRe2L's Tiny script) instead of [0, J]
-    flip: bool = True
-    crop: CropSchedule | None = None   # None: the method's own schedule (config.recover_config)
-    image_format: str = "png"        # "jpeg75" reproduces the official output
-    precision: str | None = None     # "fp32" | "bf16" (teacher forward under bf16 autocast); None: the task's
-    clamp_to: str = "normalised"     # "normalised": per-channel image of [0,1]; "unit": [0,1] (ImageNet-21K-P)
-    # Shards optimised together in one teacher forward (K x batch_size images). 0: automatic, 1 on
-    # a CPU (no reliable gain measured there; bitwise resume) and what free memory holds on a GPU.
-    shards_per_forward: int = 0
-
-    def __post_init__(self):
-        if self.shards_per_forward < 0:
-            raise ValueError(f"shards_per_forward must be >= 0 (0: automatic), got {self.shards_per_forward}")
-
-    def to_dict(self) -> dict:
-        """What the images depend on. `shards_per_forward` says only how the work is batched (each
-        shard's images are the same up to float rounding; its marker records K), so it is left
-        out: distill keys and distill.json stay those of earlier versions, and a run resumes
-        with another K."""
-        settings = dataclasses.asdict(self)
-        del settings["shards_per_forward"]
-        return settings
 
 
 @dataclasses.dataclass(frozen=True)
