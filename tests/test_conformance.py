@@ -135,6 +135,25 @@ def test_crop_sampler_matches_torchvision_in_distribution():
         assert (ours[:, 2:] >= 1).all() and (ours[:, :2] + ours[:, 2:] <= 64).all()
 
 
+@pytest.mark.parametrize("box", [(3, 8, 7, 6), (1, 4, 11, 12), (2, 3, 9, 13), (0, 0, 16, 15)])
+def test_crop_gradient_is_zero_outside_the_box_and_equals_torchvisions(box):
+    """The official loop crops with torchvision (a slice, then a resize): pixels outside the box get
+    no gradient at all, so Adam leaves them alone. Ours must too (exactly), and match inside."""
+    from cdabench.augment import crop_resize
+    import torchvision.transforms.functional as TF
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    weight = torch.randn(2, 3, 16, 16)
+    (crop_resize(x, torch.tensor([box, box]), (16, 16)) * weight).sum().backward()
+    ours, x.grad = x.grad.clone(), None
+    (TF.resized_crop(x, *box, [16, 16], antialias=True) * weight).sum().backward()
+    top, left, h, w = box
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[top:top + h, left:left + w] = False
+    assert torch.equal(ours[..., outside], torch.zeros_like(ours[..., outside]))
+    assert torch.allclose(ours, x.grad, atol=1e-5)
+
+
 def test_cosine_lr_is_the_papers_formula():
     for t, total in ((0, 4000), (1000, 4000), (2000, 4000), (3999, 4000)):
         assert cosine_lr(0.25, t, total) == pytest.approx(0.25 * 0.5 * (1 + math.cos(math.pi * t / total)))
@@ -180,7 +199,7 @@ def test_resnets_have_torchvisions_initialisation():
         recipes = (load_task(task).teacher, load_task(task).posttrain.recipe)
         assert not any(r.zero_init_residual for r in recipes), task
     zero = create_model("resnet18", 10, 3, 32, zero_init_residual=True)
-    assert all(float(block.bn2.weight.abs().sum()) == 0 for layer in (zero.layer1, zero.layer4) for block in layer)
+    assert all(float(block.bn2.weight.detach().abs().sum()) == 0 for layer in (zero.layer1, zero.layer4) for block in layer)
 
 
 @pytest.mark.parametrize("size", [64, 224])
