@@ -3,8 +3,8 @@
 Sampling (`sample_*`, numpy Generator, CPU) is separate from applying (`apply_*`, torch, any
 device), so the same parameters can be stored and replayed exactly (FKD-style soft labels) and
 every random choice comes from a seeded generator, never from global RNG state.
-Crops are resized with one `grid_sample` over per-image boxes: numerically the same as cropping
-then `interpolate(bilinear, align_corners=False)`, batched and differentiable in the image.
+Crops are resized by two gathers over per-image boxes: numerically the same as cropping then
+`interpolate(bilinear, align_corners=False)`, batched and differentiable in the image.
 """
 from __future__ import annotations
 
