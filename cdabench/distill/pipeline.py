@@ -114,7 +114,8 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
         artifacts.atomic_write_json(out / MANIFEST, manifest)
         progress.log(f"distilled {method.name} ipc {ipc} -> {out} ({len(files)} images, {stage_seconds:.1f}s)")
     ctx.group.barrier()
-    return manifest
+    # Every rank returns rank 0's manifest: the others did not write a selection's files.
+    return manifest if ctx.group.is_main else artifacts.read_json(out / MANIFEST)
 
 
 def _fit_images(ctx: Context, indices: np.ndarray) -> torch.Tensor:
