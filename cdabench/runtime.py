@@ -173,6 +173,21 @@ class ProcessGroup:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (any picklable object)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `values` over the ranks (a new tensor)."""
+        values = values.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+        return values
+
 
 def init_process_group(device: torch.device) -> ProcessGroup:
     """Join torchrun's group if launched by it: gloo on CPU, NCCL with one device per process on GPU.

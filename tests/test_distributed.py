@@ -174,3 +174,51 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(tmp_path:
                   "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert records.read_records(tmp_path / "multi" / "records.jsonl") == stored
+
+
+# --- data-parallel training ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("labels", ["hard", "online"])
+def test_ddp_training_matches_one_process_on_the_same_global_batch(tmp_path: Path, labels: str):
+    """Two gloo ranks, each with its share of every global batch (5/5 and 2/1 images), train a
+    BN-free CNN to the weights one process reaches: the same order, views, CutMix partners and
+    online-KD targets, the same steps and schedule, the loss weighted by each rank's share.
+    What differs is the order of floating-point sums (gradient all-reduce): 1e-5 relative."""
+    import torch
+    script = Path(__file__).with_name("ddp_train_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent.parent))
+    single = _run([sys.executable, str(script), labels, str(tmp_path / "one.pt")], env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), labels,
+                  str(tmp_path / "two.pt")], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    for name, weight in one["state"].items():
+        torch.testing.assert_close(two["state"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    assert int(two["teacher_forwards"]) == int(one["teacher_forwards"]) == (69 if labels == "online" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topk", [0, 3])
+def test_two_rank_relabel_equals_one_rank_byte_for_byte(tmp_path: Path, topk: int):
+    """The label store's epochs dealt over two gloo ranks: the same epoch files, byte for byte,
+    and the same manifest hash as one process; rank 0 alone writes the manifest."""
+    script = Path(__file__).with_name("ddp_train_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent.parent))
+    single = _run([sys.executable, str(script), f"relabel-{topk}", str(tmp_path / "one")], env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), f"relabel-{topk}",
+                  str(tmp_path / "two")], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = artifacts.read_json(tmp_path / "one/labels.json"), artifacts.read_json(tmp_path / "two/labels.json")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "epoch_0004.pt", "labels.json"]
+    for name in one["files"]:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert two["label_hash"] == one["label_hash"] and two["label_bytes"] == one["label_bytes"]
+    assert two["teacher_forwards"] == one["teacher_forwards"] == 5 * 23
