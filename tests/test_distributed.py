@@ -222,3 +222,29 @@ def test_two_rank_relabel_equals_one_rank_byte_for_byte(tmp_path: Path, topk: in
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert two["label_hash"] == one["label_hash"] and two["label_bytes"] == one["label_bytes"]
     assert two["teacher_forwards"] == one["teacher_forwards"] == 5 * 23
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_teacher_and_post_trains_data_parallel_writing_one_record(tmp_path: Path):
+    """`cdabench distill` then `cdabench evaluate` under torchrun with an empty cache: both ranks
+    train the teacher (DDP; rank 0 saves it), recover their shards, post-train the student
+    data-parallel with online KD, and rank 0 alone appends the one record."""
+    from cdabench import records
+    task = tmp_path / "tiny.toml"
+    task.write_text(TINY_TASK)
+    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+                "-m", "cdabench.cli"]
+    common = ["--task", str(task), "--device", "cpu", "--quiet"]
+    distilled = _run([*torchrun, "distill", *common, "--method", "cda", "--ipc", "4", "--out", str(tmp_path / "d")],
+                     env)
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    evaluated = _run([*torchrun, "evaluate", *common, "--data", str(tmp_path / "d"), "--epochs", "2",
+                      "--out", str(tmp_path / "runs")], env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    teacher_info = artifacts.read_json(next((tmp_path / "cache" / "teachers").glob("*/teacher.json")))
+    assert teacher_info["ranks"] == 2 and teacher_info["heldout_top1"] >= 50.0  # the guard passed too
+    stored = records.read_records(tmp_path / "runs" / "records.jsonl")
+    assert len(stored) == 1 and stored[0]["num_images"] == 40 and stored[0]["epochs"] == 2
+    # Online KD labels every image of both ranks' rows: 2 epochs x 40 images, summed over the ranks.
+    assert stored[0]["teacher_forwards"] == 80
