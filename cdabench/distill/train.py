@@ -55,20 +55,42 @@ class ImageBank:
 
 class StreamedImages:
     """Training images decoded on the fly by DataLoader workers (the full real set of a large
-    dataset): an ImageSplit whose transform already yields uint8 tensors of the working size."""
+    dataset, when the prepared cache is off): an ImageSplit whose transform already yields uint8
+    tensors of the working size. The workers persist across epochs (one loader per batch size;
+    each epoch's order is handed to them through a mutable sampler), and batches are pinned for
+    non-blocking copies to a GPU."""
 
     def __init__(self, split, workers: int = 4):
         self.split, self.workers = split, workers
         self.labels = torch.as_tensor(np.asarray(split.targets)).long()
+        self._loaders: dict[int, tuple[torch.utils.data.DataLoader, _OrderSampler]] = {}
 
     def __len__(self) -> int:
         return len(self.split)
 
     def batches(self, order: np.ndarray, batch_size: int):
-        loader = torch.utils.data.DataLoader(
-            _Indexed(self.split), batch_size=batch_size, sampler=order.tolist(),
-            num_workers=self.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        if batch_size not in self._loaders:
+            sampler = _OrderSampler()
+            loader = torch.utils.data.DataLoader(
+                _Indexed(self.split), batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                pin_memory=torch.cuda.is_available(), persistent_workers=self.workers > 0)
+            self._loaders[batch_size] = (loader, sampler)
+        loader, sampler = self._loaders[batch_size]
+        sampler.order = order.tolist()
         yield from loader
+
+
+class _OrderSampler(torch.utils.data.Sampler):
+    """Yields whatever order was set last (read when an epoch's iteration starts)."""
+
+    def __init__(self):
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(list(self.order))
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 class _Indexed(torch.utils.data.Dataset):
