@@ -101,3 +101,31 @@ def test_context_serves_image_files_from_the_prepared_cache(tmp_path: Path, monk
     monkeypatch.setenv("CDABENCH_PREPARED", "0")
     plain = open_context(task, str(tmp_path / "data"), "cpu").source("fit")
     assert torch.equal(plain.images, expected)
+
+
+def test_processes_asking_at_once_wait_for_one_build(tmp_path: Path, monkeypatch):
+    """Ranks and workers ask for a split whenever they need it (no collective call): the first
+    builds under the lock, the others wait and map the same file."""
+    import threading
+
+    from cdabench.data import prepared
+    split = _split(_noise_folder(tmp_path / "data"))
+    builds, real_build = [], prepared.build_prepared
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(prepared, "build_prepared", counted)
+    results = [None] * 3
+
+    def ask(k):
+        results[k] = prepared.prepared_split(split, tmp_path / "cache", "view", (3, 16, 16))
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert all(torch.equal(r[0], split.load_all()) for r in results)

@@ -5,7 +5,7 @@ herding, the class-order probe and evaluation read at memory speed on every rank
 worker. Training-time random crops still happen on the device, on these working-size images.
 
 The folder holds images.npy, targets.npy and meta.json (written last, atomically: a folder
-without it is unfinished and rebuilt). meta.json keeps the split's fingerprint
+without it is unfinished and rebuilt); one process builds it while the others wait on a lock file. meta.json keeps the split's fingerprint
 (`split_fingerprint`: every file's relative path, size and modification time, the targets and the
 view); a cache whose fingerprint differs from the split's current one is never used."""
 from __future__ import annotations
@@ -148,6 +148,14 @@ def prepared_split(split: ImageSplit, cache_root: Path, view: str, shape: tuple[
     folder = Path(cache_root) / fingerprint[:24]
     found = open_prepared(folder, fingerprint)
     if found is None and build:
-        build_prepared(split, folder, fingerprint, shape, workers)
-        found = open_prepared(folder, fingerprint)
+        import fcntl
+        folder.mkdir(parents=True, exist_ok=True)
+        # One builder: other ranks and workers wait on the lock (no collective call, so any
+        # process may ask for any split at any time), then open what it built.
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            found = open_prepared(folder, fingerprint)
+            if found is None:
+                build_prepared(split, folder, fingerprint, shape, workers)
+                found = open_prepared(folder, fingerprint)
     return found

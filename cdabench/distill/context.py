@@ -110,18 +110,12 @@ class Context:
         return self._sources[name]
 
     def _prepared(self, name: str, split: ImageSplit):
-        """Rank 0 builds the prepared view (in parallel processes) while the other ranks wait."""
+        """The first process to ask builds the prepared view (in parallel processes when large);
+        other ranks and workers wait on its lock file, then map it."""
         from cdabench.data.prepared import prepared_split
         view = f"{self.data.spec.name} {name} {eval_transform(self.data)!r}"
-        root = self.cache / "prepared"
         workers = min(8, os.cpu_count() or 1) if len(split) >= 4096 else 0
-        found = None
-        if self.group.is_main:
-            found = prepared_split(split, root, view, self.shape, workers)
-        self.group.barrier()
-        if found is None:  # the other ranks open what rank 0 built
-            found = prepared_split(split, root, view, self.shape, workers)
-        return found
+        return prepared_split(split, self.cache / "prepared", view, self.shape, workers)
 
 
 def loader_workers() -> int:
