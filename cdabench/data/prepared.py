@@ -56,7 +56,7 @@ def prepared_bytes(n: int, shape: tuple[int, int, int]) -> int:
     return n * int(np.prod(shape))
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
+def check_free_space(folder: Path, needed: int, what: str, fix: str = "") -> None:
     """Refuse before writing `needed` bytes under `folder` when the disk has less free (with 5 %
     headroom), naming the sizes and the fix."""
     probe = Path(folder)
@@ -65,7 +65,7 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if needed * 1.05 > free:
         raise DataError(f"{what} needs {needed / 2**30:.1f} GiB but {probe} has {free / 2**30:.1f} GiB free: "
-                        "free disk space, or point --cache-dir / $CDABENCH_CACHE at a larger disk")
+                        f"free disk space, or point --cache-dir / $CDABENCH_CACHE at a larger disk{fix}")
 
 
 def _fill(part: ImageSplit, path: str, start: int) -> int:

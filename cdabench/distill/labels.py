@@ -137,6 +137,8 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
     # Rank 0's list: another rank looking later would see epochs already written and deal differently.
     todo = group.broadcast([e for e in range(config.epochs) if not epoch_file(root, e).exists()])
     mine = todo[group.rank::group.world]
+    if group.is_main and todo:
+        check_label_store_size(root, n, _num_outputs(teacher, images, normalizer, device), config, len(todo))
     with progress.track("relabel" if group.world == 1 else f"relabel (rank {group.rank})", len(mine)) as bar:
         for epoch in mine:
             # Each epoch has its own generator: resuming at epoch e needs nothing from epochs < e.
@@ -184,6 +186,42 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
     artifacts.atomic_write_json(root / "labels.json", manifest)
     group.barrier()
     return manifest
+
+
+# Per image and epoch besides the logits: order (int32), crop and mix boxes (2 x 4 int16), flip
+# (bool), partner (int32), lambda (float32).
+_PARAM_BYTES = 4 + 16 + 1 + 4 + 4
+
+
+def label_store_bytes(images: int, classes: int, epochs: int, topk: int = 0) -> int:
+    """Bytes of a label store's epoch files (before torch.save's small overhead): fp16 logits of
+    every class, or top-k fp16 values + int32 indices, plus the augmentation parameters."""
+    per_image = (topk * (2 + 4) if topk else classes * 2) + _PARAM_BYTES
+    return images * per_image * epochs
+
+
+def check_label_store_size(root: Path, images: int, classes: int, config: LabelStoreConfig, epochs: int) -> None:
+    """Print the store's size before anything is written; refuse clearly when the disk (or, for
+    one epoch's logits, the memory) cannot hold it."""
+    import os
+
+    from cdabench.data.prepared import check_free_space
+    total = label_store_bytes(images, classes, epochs, config.topk)
+    kept = f"top-{config.topk} logits" if config.topk else f"all {classes} logits"
+    progress.log(f"label store: {images} images x {epochs} epochs, {kept}: {total / 2**30:.2f} GiB -> {root}")
+    check_free_space(root, total, "the label store",
+                     "" if config.topk else ", or keep only the top-k logits ([posttrain.kd] topk = 100)")
+    one_epoch = images * classes * 4  # fp32 logits of one epoch, then its fp16 copy
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if available is not None and one_epoch > available:
+        from cdabench.data import DataError
+        raise DataError(f"one relabel epoch holds {one_epoch / 2**30:.1f} GiB of logits in memory but "
+                        f"{available / 2**30:.1f} GiB is available: free memory, or relabel a smaller set")
+
+
+@torch.no_grad()
+def _num_outputs(teacher: nn.Module, images: torch.Tensor, normalizer, device: torch.device) -> int:
+    return teacher(normalizer(images[:1].to(device).float().div_(255))).shape[1]
 
 
 def load_epoch(root: Path, epoch: int) -> dict:
