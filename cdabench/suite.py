@@ -123,7 +123,7 @@ def rank_records_path(out: Path, rank: int) -> Path:
     return Path(out) / "ranks" / f"rank{rank}" / "records.jsonl"
 
 
-def _rank_record_files(out: Path) -> list[Path]:
+def rank_record_files(out: Path) -> list[Path]:
     return sorted((Path(out) / "ranks").glob("rank*/records.jsonl"))
 
 
@@ -153,7 +153,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     out = Path(out)
     records_path = out / "records.jsonl"
     if group.is_main:  # records of a killed multi-process run that rank 0 had not merged yet
-        records.merge_records(records_path, _rank_record_files(out))
+        records.merge_records(records_path, rank_record_files(out))
     group.barrier()
     existing = records.read_records(records_path) if records_path.exists() else []
     done = {r.get("cell_key"): r for r in existing}
@@ -225,7 +225,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     if group.world > 1:
         group.barrier()
         if group.is_main:
-            records.merge_records(records_path, _rank_record_files(out), order=[p[2] for p in plan])
+            records.merge_records(records_path, rank_record_files(out), order=[p[2] for p in plan])
         group.barrier()
         done = {r.get("cell_key"): r for r in records.read_records(records_path)} if records_path.exists() else {}
     if stop_after is not None and any(p[2] not in done for p in plan):

@@ -248,3 +248,43 @@ def test_torchrun_trains_the_teacher_and_post_trains_data_parallel_writing_one_r
     assert len(stored) == 1 and stored[0]["num_images"] == 40 and stored[0]["epochs"] == 2
     # Online KD labels every image of both ranks' rows: 2 epochs x 40 images, summed over the ranks.
     assert stored[0]["teacher_forwards"] == 80
+
+
+CONTINUAL_SUITE = """
+kind = "continual"
+task = "{task}"
+steps = [5]
+memories = ["random", "cda"]
+strategies = ["naive", "replay"]
+student = "resnet18"
+retrain_epochs = 1
+[sequential]
+epochs = 1
+lr = 0.003
+"""
+
+
+@pytest.mark.slow
+def test_continual_suite_under_torchrun_records_every_cell_once(tmp_path: Path, monkeypatch):
+    """A continual suite under `torchrun --nproc-per-node 2`: the memories are distilled together,
+    the cells dealt across the ranks, and rank 0 merges one record per cell, with the keys and
+    accuracies of a one-process run."""
+    from cdabench import records
+    from cdabench.continual.runner import load_continual_suite, run_continual
+    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+    task = tmp_path / "tiny.toml"
+    task.write_text(SUITE_TASK.replace("ipcs = [2]", "ipcs = [3]").replace("batch_size = 20", "batch_size = 30"))
+    suite_file = tmp_path / "continual.toml"
+    suite_file.write_text(CONTINUAL_SUITE.format(task=task))
+    one = run_continual(load_continual_suite(str(suite_file)), tmp_path / "one", device="cpu")
+    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
+                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    stored = records.read_records(tmp_path / "multi" / "records.jsonl")
+    assert len(one) >= 4 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in one)
+    by_key = {r["cell_key"]: r for r in stored}
+    assert [(r["cell"], r["final_accuracy"]) for r in one] == \
+        [(by_key[r["cell_key"]]["cell"], by_key[r["cell_key"]]["final_accuracy"]) for r in one]
+    assert not list((tmp_path / "multi" / "ranks").rglob("records.jsonl"))

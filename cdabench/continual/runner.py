@@ -29,9 +29,9 @@ from cdabench.distill.context import check_ipc, open_context
 from cdabench.distill.pipeline import distill, student_recipe
 from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
-from cdabench.runtime import device_description, versions
+from cdabench.runtime import ProcessGroup, device_description, versions
 from cdabench.schema import CONTINUAL_PROTOCOLS, ContinualSuite
-from cdabench.suite import distill_key, distill_seed
+from cdabench.suite import distill_key, distill_seed, rank_record_files, rank_records_path
 
 PROTOCOLS = CONTINUAL_PROTOCOLS
 KIND = "continual"
@@ -186,7 +186,9 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
                   precision: str | None = None,
                   holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). `holdout`: the
-    command line's (--holdout-per-class, --holdout-fraction)."""
+    command line's (--holdout-per-class, --holdout-fraction). Under torchrun the teacher and the
+    memories are made collectively (cdabench/suite.py's scheme), then the cells are dealt across
+    the ranks, each rank writing its own records file merged by rank 0."""
     validate(suite)
     task = with_holdout(load_task(suite.task), *holdout)
     ipc = suite_ipc(suite, task)
@@ -195,6 +197,9 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     cells = expand(suite)
     out = Path(out)
     records_path = out / "records.jsonl"
+    if ctx.group.is_main:  # records of a killed multi-process run that rank 0 had not merged yet
+        records.merge_records(records_path, rank_record_files(out))
+    ctx.group.barrier()
     existing = records.read_records(records_path) if records_path.exists() else []
     done = {r.get("cell_key"): r for r in existing}
     dataset = ctx.data.fingerprint()
@@ -220,35 +225,52 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
             state["scenarios"][(steps, seed)] = scenario_for(ctx, steps, seed, suite.class_order)
         return state["scenarios"][(steps, seed)]
 
-    results, evaluated = [], 0
-    with progress.track(f"suite {suite.name}", len(cells)) as bar:
-        for cell in cells:
-            sc = scenario(cell.steps, cell.seed)
-            mem = memory(cell.memory, cell.seed) if cell.memory not in ("own-buffer", "none") else None
-            mem_size = ipc * ctx.num_classes if cell.memory == "own-buffer" else 0
-            eval_config = _eval_config(ctx, suite, cell, mem_size)
-            teacher_hash = teacher().hash if cell.protocol == "retrain" else None
-            composition = {k: v for k, v in sc.composition().items() if k != "step_class_names"}
-            key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash,
-                           split_settings(task))
-            if key in done:
-                results.append(done[key])
-                bar.advance(1, cell.name)
-                continue
-            record = run_cell(ctx, suite, cell, sc, mem, mem_size, teacher() if cell.protocol == "retrain" else None,
-                              eval_config, command)
+    # The plan: every rank computes the same keys, distilling the memories collectively (their
+    # recover shards are dealt across torchrun's ranks) in the same order.
+    plan = []
+    for cell in cells:
+        sc = scenario(cell.steps, cell.seed)
+        mem = memory(cell.memory, cell.seed) if cell.memory not in ("own-buffer", "none") else None
+        mem_size = ipc * ctx.num_classes if cell.memory == "own-buffer" else 0
+        eval_config = _eval_config(ctx, suite, cell, mem_size)
+        teacher_hash = teacher().hash if cell.protocol == "retrain" else None
+        composition = {k: v for k, v in sc.composition().items() if k != "step_class_names"}
+        key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash,
+                       split_settings(task))
+        plan.append((cell, sc, mem, mem_size, eval_config, key))
+    todo, queued = [], set()
+    for entry in plan:
+        if entry[-1] not in done and entry[-1] not in queued:
+            queued.add(entry[-1])
+            todo.append(entry)
+    group = ctx.group
+    solo = dataclasses.replace(ctx, group=ProcessGroup())  # cells run in this process alone
+    mine = todo[group.rank::group.world]  # under torchrun: dealt round-robin in grid order
+    mine_path = records_path if group.world == 1 else rank_records_path(out, group.rank)
+    evaluated = 0
+    label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "")
+    with progress.track(label, len(mine) if group.world > 1 else len(cells)) as bar:
+        if group.world == 1:
+            bar.advance(len(cells) - len(mine), "already recorded")
+        for cell, sc, mem, mem_size, eval_config, key in mine:
+            record = run_cell(solo, suite, cell, sc, mem, mem_size,
+                              teacher() if cell.protocol == "retrain" else None, eval_config, command)
             record.update({"suite": suite.name, "cell": cell.name, "cell_key": key})
-            record = records.append_record(records_path, record)
-            done[key] = record
-            results.append(record)
+            done[key] = records.append_record(mine_path, record)
             evaluated += 1
             progress.log(f"{cell.name}: final top-1 {record['final_accuracy']:.2f}%, forgetting "
                          f"{record['forgetting']:.2f}, BWT {record['bwt']:+.2f}")
             bar.advance(1, cell.name)
-            if stop_after is not None and evaluated >= stop_after:
+            if stop_after is not None and evaluated >= stop_after and group.world == 1:
                 raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
+    if group.world > 1:
+        group.barrier()
+        if group.is_main:
+            records.merge_records(records_path, rank_record_files(out), order=[p[-1] for p in plan])
+        group.barrier()
+        done = {r.get("cell_key"): r for r in records.read_records(records_path)}
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
-    return results
+    return [done[p[-1]] for p in plan]
 
 
 def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size: int, teacher, eval_config: dict,
