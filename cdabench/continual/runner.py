@@ -204,7 +204,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     done = {r.get("cell_key"): r for r in existing}
     dataset = ctx.data.fingerprint()
     start = time.perf_counter()
-    state: dict = {"teacher": None, "scenarios": {}, "memories": {}}
+    state: dict = {"teacher": None, "scenarios": {}, "memories": {}, "folders": {}}
 
     def teacher():
         if state["teacher"] is None:
@@ -218,6 +218,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
             folder = out / "distilled" / f"{name}-ipc{ipc}-seed{dseed}-{config_hash}"
             distill(ctx, name, ipc, dseed, folder, command=command, teacher=teacher())
             state["memories"][(name, dseed)] = load_memory(ctx, folder, ipc)
+            state["folders"][(name, dseed)] = folder
         return state["memories"][(name, dseed)]
 
     def scenario(steps: int, seed: int):
@@ -248,13 +249,25 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     mine = todo[group.rank::group.world]  # under torchrun: dealt round-robin in grid order
     mine_path = records_path if group.world == 1 else rank_records_path(out, group.rank)
     evaluated = 0
+    if group.world > 1:
+        # Avalanche turns its own distributed mode on (DistributedSampler, refusing loggers off
+        # rank 0) whenever a process group exists: each rank runs its cells in a plain process.
+        def folder(cell):
+            if cell.memory in ("own-buffer", "none"):
+                return None
+            return state["folders"][(cell.memory, distill_seed(cell.memory, cell.seed))]
+        cells_apart = _cells_apart(task, data_root, str(ctx.device), cache, ctx.precision, ipc, suite, command,
+                                   [(entry, folder(entry[0])) for entry in mine])
     label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "")
     with progress.track(label, len(mine) if group.world > 1 else len(cells)) as bar:
         if group.world == 1:
             bar.advance(len(cells) - len(mine), "already recorded")
         for cell, sc, mem, mem_size, eval_config, key in mine:
-            record = run_cell(solo, suite, cell, sc, mem, mem_size,
-                              teacher() if cell.protocol == "retrain" else None, eval_config, command)
+            if group.world > 1:
+                record = next(cells_apart)
+            else:
+                record = run_cell(solo, suite, cell, sc, mem, mem_size,
+                                  teacher() if cell.protocol == "retrain" else None, eval_config, command)
             record.update({"suite": suite.name, "cell": cell.name, "cell_key": key})
             done[key] = records.append_record(mine_path, record)
             evaluated += 1
@@ -271,6 +284,48 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
         done = {r.get("cell_key"): r for r in records.read_records(records_path)}
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
     return [done[p[-1]] for p in plan]
+
+
+_WORKER: dict = {}
+
+
+def _init_cell_worker(task, data_root, device: str, cache, precision: str, threads: int) -> None:
+    import torch
+
+    from cdabench import progress
+    from cdabench.distill.context import open_context
+    from cdabench.runtime import strip_launcher_env
+    strip_launcher_env()  # a plain process: no process group, so Avalanche stays single-process
+    torch.set_num_threads(threads)
+    progress.set_quiet(True)
+    _WORKER.update(ctx=open_context(task, data_root, device, cache, precision), teacher=None)
+
+
+def _cell_in_worker(suite, cell, mem_folder, mem_size: int, eval_config: dict, command: str, ipc: int) -> dict:
+    from cdabench.continual.memory import load_memory
+    from cdabench.continual.scenario import scenario_for
+    from cdabench.distill.squeeze import get_teacher
+    ctx = _WORKER["ctx"]
+    if cell.protocol == "retrain" and _WORKER["teacher"] is None:
+        _WORKER["teacher"] = get_teacher(ctx)  # the suite's, from the cache
+    sc = scenario_for(ctx, cell.steps, cell.seed, suite.class_order)
+    mem = load_memory(ctx, mem_folder, ipc) if mem_folder is not None else None
+    return run_cell(ctx, suite, cell, sc, mem, mem_size, _WORKER["teacher"] if cell.protocol == "retrain" else None,
+                    eval_config, command)
+
+
+def _cells_apart(task, data_root, device: str, cache, precision: str, ipc: int, suite, command: str, jobs):
+    """Yield the records of `jobs` ((plan entry, memory folder) pairs), run one after another in
+    one spawned process without torchrun's environment."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_init_cell_worker,
+                             initargs=(task, data_root, device, cache, precision, torch.get_num_threads())) as pool:
+        for (cell, _, _, mem_size, eval_config, _), folder in jobs:
+            yield pool.submit(_cell_in_worker, suite, cell, folder, mem_size, eval_config, command, ipc).result()
 
 
 def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size: int, teacher, eval_config: dict,
