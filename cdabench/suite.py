@@ -137,7 +137,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     --holdout-fraction). `stop_after` stops after that many newly evaluated cells (per process;
     tests of resuming).
 
-    Under torchrun every rank runs this function: rank 0 trains the teacher, the recover shards
+    Under torchrun every rank runs this function: the teacher is trained data-parallel, the recover shards
     of each synthetic set are dealt across the ranks, the selection baselines' sets are dealt
     whole, and then the cells are dealt longest first (`deal_longest_first`), each rank
     evaluating its own on its device as a plain single process. Ranks write their records to
