@@ -4,7 +4,12 @@ At the embedded default's sizes a post-train step is mostly per-operator overhea
 thread serves no faster than two; so N single-thread processes evaluate N cells at once
 (docs/suites.md has the measurements). Each worker opens the task once and loads the suite's
 teacher from the cache (the parent trained it); a cell's result does not depend on which
-worker ran it, only on the number of threads (recorded). The parent alone writes records.jsonl."""
+worker ran it, only on the number of threads (recorded). The parent alone writes records.
+
+On GPUs each worker is pinned to one device (`runtime.worker_devices`: round-robin over the
+visible GPUs without torchrun, the rank's own GPU under it). A worker is always a plain single
+process: it strips torchrun's environment before anything can read it, so it never joins (and
+hangs) its parent rank's process group."""
 from __future__ import annotations
 
 import multiprocessing
@@ -19,13 +24,17 @@ from cdabench import progress
 from cdabench.distill.context import open_context
 from cdabench.distill.pipeline import evaluate
 from cdabench.distill.squeeze import get_teacher
+from cdabench.runtime import strip_launcher_env
 from cdabench.schema import Task
 
 _STATE: dict = {}
 
 
-def _init_worker(task: Task, data_root: str | None, device: str, cache: str | None, threads: int,
+def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, threads: int,
                  precision: str) -> None:
+    """`devices`: a queue holding one device name per worker; each worker takes one."""
+    strip_launcher_env()
+    device = devices.get()
     # Ctrl-C reaches the whole process group: only the parent acts on it (and stops the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
@@ -41,15 +50,19 @@ def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: s
                     teacher=_STATE["teacher"], extra=extra)
 
 
-def evaluate_cells(jobs: list[dict], workers: int, threads: int, task: Task, data_root: str | None, device: str,
+def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Task, data_root: str | None,
                    cache: str | None, scratch_root: Path, precision: str = "fp32"):
-    """Yield (job, record) as cells finish. `jobs`: keyword arguments of `_evaluate_cell` minus
-    `scratch`; `task`: the parent's Task, command-line overrides included (a worker that reloaded
-    the task file would lose them). Stops submitting when the caller stops iterating (the pool is
-    shut down)."""
+    """Yield (job, record) as cells finish, in len(devices) workers (one per entry, on that
+    device). `jobs`: keyword arguments of `_evaluate_cell` minus `scratch`; `task`: the parent's
+    Task, command-line overrides included (a worker that reloaded the task file would lose
+    them). Stops submitting when the caller stops iterating (the pool is shut down)."""
+    workers = len(devices)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    device_queue = context.Queue()
+    for device in devices:
+        device_queue.put(device)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(task, data_root, device, cache, threads, precision))
+                               initargs=(task, data_root, device_queue, cache, threads, precision))
     queue, running, clean = list(jobs), {}, False
     try:
         while queue or running:

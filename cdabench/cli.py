@@ -18,7 +18,7 @@ from cdabench.distill.context import open_context
 from cdabench.distill.pipeline import distill, evaluate
 from cdabench.leaderboard import generate
 from cdabench.models import list_models
-from cdabench.runtime import resolve_device
+from cdabench.runtime import launched_world, resolve_device
 from cdabench.suite import list_suites, load_suite, narrow, run_suite
 
 
@@ -107,8 +107,9 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
     _holdout_args(p)
     p.add_argument("--workers", default="auto",
-                   help="post-train cells at once: N processes of (threads / N) threads; auto = 2 on a CPU with "
-                        ">= 2 threads, 1 on CUDA (docs/suites.md)")
+                   help="post-train cells at once: N processes of (threads / N) threads, dealt round-robin over the "
+                        "visible GPUs; auto = one per visible GPU (one per rank under torchrun), 2 on a CPU with "
+                        ">= 2 threads (docs/suites.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +178,13 @@ def _run_or_check(args, command: str) -> int:
 
 
 def _workers(value: str, device: str) -> int:
+    """auto: one worker per visible GPU without torchrun (each pinned to its own, see
+    runtime.worker_devices), one per rank under torchrun (the ranks are the scale-out), and
+    min(2, threads) single-thread processes on a CPU (docs/suites.md)."""
     if value == "auto":
-        return 1 if resolve_device(device).type == "cuda" else min(2, torch.get_num_threads())
+        if resolve_device(device).type == "cuda":
+            return torch.cuda.device_count() if launched_world() == 1 else 1
+        return min(2, torch.get_num_threads())
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"--workers must be auto or a positive number, got {value!r}")
     return int(value)

@@ -55,3 +55,35 @@ def read_records(path: Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise RecordError(f"{path}:{n}: not a JSON object ({exc})") from exc
     return records
+
+
+def merge_records(path: Path, parts: list[Path], order: list[str] | None = None) -> list[dict]:
+    """Append to `path` the records of the files `parts` (each rank's records of a multi-process
+    suite) that it does not hold yet (by cell_key, else record hash), in one atomic write, then
+    delete the parts. Safe to repeat after a crash at any point: a part already merged adds
+    nothing. `order`: cell keys in the order new records are appended (the rest after, as read).
+    Returns the records appended."""
+    path = Path(path)
+    parts = [Path(p) for p in parts if Path(p).exists()]
+    if not parts:
+        return []
+    held = {_merge_key(r) for r in read_records(path)} if path.exists() else set()
+    new = {}
+    for part in parts:
+        for record in read_records(part):
+            key = _merge_key(record)
+            if key not in held and key not in new:
+                new[key] = validate(record, str(part))
+    rank = {key: i for i, key in enumerate(order or [])}
+    ordered = sorted(new.values(), key=lambda r: rank.get(_merge_key(r), len(rank)))
+    if ordered:
+        existing = path.read_bytes() if path.exists() else b""
+        lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered)
+        artifacts.atomic_write_bytes(path, existing + lines.encode())
+    for part in parts:
+        part.unlink()
+    return ordered
+
+
+def _merge_key(record: dict) -> str:
+    return record.get("cell_key") or record.get("record_hash") or record_id(record)

@@ -17,18 +17,81 @@ import torchvision
 from cdabench import __version__
 
 
+# What torchrun (torch.distributed.elastic) puts in each rank's environment. A process spawned by
+# a rank inherits it and would join (and hang) the rank's process group: workers strip it.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_ENV_PREFIXES = ("TORCHELASTIC_",)
+
+
+def strip_launcher_env(environ=None) -> list[str]:
+    """Remove torchrun's variables from `environ` (default os.environ), so that this process is a
+    plain single process; returns the names removed."""
+    environ = os.environ if environ is None else environ
+    names = [k for k in list(environ) if k in LAUNCHER_ENV or k.startswith(LAUNCHER_ENV_PREFIXES)]
+    for name in names:
+        del environ[name]
+    return names
+
+
+def local_device_index(local_rank: int | None, visible: int) -> int:
+    """The CUDA device of this process among the `visible` ones: LOCAL_RANK when the launcher shows
+    the process every GPU of its node, the one visible device when it shows one GPU per task
+    (Slurm --gpus-per-task, CUDA_VISIBLE_DEVICES set per rank)."""
+    if visible < 1:
+        raise RuntimeError("no CUDA device is visible to this process: use --device cpu, or check "
+                           "CUDA_VISIBLE_DEVICES / the launcher's GPU binding")
+    if local_rank is None or visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"LOCAL_RANK is {local_rank} but only {visible} CUDA devices are visible to this process: "
+                       "start at most one process per visible GPU (torchrun --nproc-per-node <= the GPU count), "
+                       "or make the launcher show each process exactly one GPU")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` takes the local GPU when there is one (the one torchrun assigned to this rank)."""
+    """`auto` takes the local GPU when there is one (the one torchrun assigned to this rank, see
+    `local_device_index`); `cuda:N` is used as given."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        count = torch.cuda.device_count()
+        if name == "cuda":
+            local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+            name = f"cuda:{local_device_index(local_rank, count)}"
+        elif not (name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) < count):
+            raise ValueError(f"unknown device {name!r}: this process sees {count} CUDA device(s), "
+                             f"use cuda or cuda:0 .. cuda:{count - 1}")
     elif name != "cpu":
         raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
+
+
+def activate_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device (NCCL, caching allocator and any
+    `.cuda()` call inside libraries use it), also in a plain single process on cuda:N."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def worker_devices(device: torch.device, workers: int, world: int = 1) -> list[str]:
+    """The device of each of `workers` worker processes started by one process. Without torchrun,
+    on a GPU, the workers are dealt round-robin over every visible GPU, starting at this process's
+    (restrict them with CUDA_VISIBLE_DEVICES); under torchrun each rank owns one GPU, and its
+    workers share it. On the CPU every worker is on the CPU."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and world == 1 and count > 1:
+        first = device.index or 0
+        return [f"cuda:{(first + i) % count}" for i in range(workers)]
+    return [str(device)] * workers
+
+
+def launched_world() -> int:
+    """The number of torchrun processes this one belongs to (1 when run plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -110,17 +173,31 @@ class ProcessGroup:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (any picklable object)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `values` over the ranks (a new tensor)."""
+        values = values.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+        return values
+
 
 def init_process_group(device: torch.device) -> ProcessGroup:
     """Join torchrun's group if launched by it: gloo on CPU, NCCL with one device per process on GPU.
     One process per device, never DataParallel: a wrapped teacher corrupts the BN statistics."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    activate_device(device)
+    world = launched_world()
     if world == 1:
         return ProcessGroup()
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         # A long timeout: ranks wait at barriers while rank 0 trains a teacher or writes a manifest.
         torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(days=7))
     return ProcessGroup(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())

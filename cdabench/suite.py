@@ -20,6 +20,7 @@ from cdabench.distill.context import open_context
 from cdabench.distill.pipeline import distill, evaluate, evaluation_config
 from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
+from cdabench.runtime import ProcessGroup, worker_devices
 from cdabench.schema import Suite
 
 
@@ -105,36 +106,81 @@ def cell_key(cell: Cell, images_hash: str, eval_config: dict, teacher_hash: str 
                                   "eval": eval_config, "teacher": teacher_hash if cell.labels == "soft" else None})
 
 
+def deal_longest_first(jobs: list[dict], ranks: int) -> list[list[dict]]:
+    """Each rank's cells: longest first (by optimiser steps) to the least-loaded rank, ties to the
+    lowest rank, so no rank is left alone with a long cell at the end. Deterministic: every rank
+    computes the same deal from the same plan."""
+    loads, shares = [0] * ranks, [[] for _ in range(ranks)]
+    for job in sorted(jobs, key=lambda job: -job["steps"]):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        shares[rank].append(job)
+        loads[rank] += job["steps"]
+    return shares
+
+
+def rank_records_path(out: Path, rank: int) -> Path:
+    """Where rank `rank` of a multi-process suite writes its cells' records until rank 0 merges them."""
+    return Path(out) / "ranks" / f"rank{rank}" / "records.jsonl"
+
+
+def rank_record_files(out: Path) -> list[Path]:
+    return sorted((Path(out) / "ranks").glob("rank*/records.jsonl"))
+
+
 def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str = "auto",
               cache: str | None = None, command: str = "", stop_after: int | None = None,
               workers: int = 1, precision: str | None = None,
               holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). The shared stages
-    (teacher, every distilled set) run first in this process; then the post-train cells, here
-    or in `workers` single-thread processes (cdabench/cellpool.py). `holdout`: the command line's
-    (--holdout-per-class, --holdout-fraction). `stop_after` stops after
-    that many newly evaluated cells (tests of resuming)."""
+    (teacher, every distilled set) run first; then the post-train cells, here or in `workers`
+    processes (cdabench/cellpool.py). `holdout`: the command line's (--holdout-per-class,
+    --holdout-fraction). `stop_after` stops after that many newly evaluated cells (per process;
+    tests of resuming).
+
+    Under torchrun every rank runs this function: the teacher is trained data-parallel, the recover shards
+    of each synthetic set are dealt across the ranks, the selection baselines' sets are dealt
+    whole, and then the cells are dealt longest first (`deal_longest_first`), each rank
+    evaluating its own on its device as a plain single process. Ranks write their records to
+    ranks/rank<r>/records.jsonl; rank 0 alone merges them into records.jsonl (atomically, every
+    cell once), at the end and, after a killed run, at the start, so a resumed suite (with any
+    number of ranks) skips every cell finished before."""
     validate(suite)
     cells = expand(suite)
     task = with_holdout(load_task(suite.task), *holdout)
     ctx = open_context(task, data_root, device, cache, precision)
+    group = ctx.group
+    solo = dataclasses.replace(ctx, group=ProcessGroup())  # this process alone (shares the loaded data)
     out = Path(out)
     records_path = out / "records.jsonl"
+    if group.is_main:  # records of a killed multi-process run that rank 0 had not merged yet
+        records.merge_records(records_path, rank_record_files(out))
+    group.barrier()
     existing = records.read_records(records_path) if records_path.exists() else []
     done = {r.get("cell_key"): r for r in existing}
     start = time.perf_counter()
     teacher = get_teacher(ctx)
-    distilled, plan = {}, []
+    sets = {}
     for cell in cells:
         dseed = distill_seed(cell.method, cell.seed)
         set_key = (cell.method, cell.ipc, dseed)
-        if set_key not in distilled:
+        if set_key not in sets:
             config_hash = distill_key(ctx, cell.method, teacher_key(ctx, 0))[:10]
-            folder = out / "distilled" / f"{cell.method}-{'full' if cell.ipc is None else f'ipc{cell.ipc}'}" \
+            sets[set_key] = out / "distilled" / f"{cell.method}-{'full' if cell.ipc is None else f'ipc{cell.ipc}'}" \
                 f"-seed{dseed}-{config_hash}"
-            distilled[set_key] = (folder, distill(ctx, cell.method, cell.ipc, dseed, folder, command=command,
-                                                       teacher=teacher))
-        folder, manifest = distilled[set_key]
+    # Selection baselines need no collective work: each rank makes its share of the sets alone.
+    selected = [k for k in sets if load_method(k[0]).kind == "select"]
+    for i, set_key in enumerate(selected):
+        if i % group.world == group.rank:
+            distill(solo, set_key[0], set_key[1], set_key[2], sets[set_key], command=command, teacher=teacher)
+    group.barrier()
+    distilled = {}
+    for set_key, folder in sets.items():  # recover: every rank takes its shards; the rest: read back
+        stage = solo if set_key in selected else ctx
+        distilled[set_key] = (folder, distill(stage, set_key[0], set_key[1], set_key[2], folder, command=command,
+                                              teacher=teacher))
+    plan = []
+    for cell in cells:
+        folder, manifest = distilled[(cell.method, cell.ipc, distill_seed(cell.method, cell.seed))]
         full = bool(manifest.get("full"))
         eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full)
         key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash, split_settings(task))
@@ -149,27 +195,40 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
         jobs.append({"folder": str(folder), "student": cell.student, "labels": cell.labels, "seed": cell.seed,
                      "command": command, "extra": {"suite": suite.name, "cell": cell.name, "cell_key": key},
                      "steps": steps})
+    if group.world > 1:
+        mine = deal_longest_first(jobs, group.world)[group.rank]
+        mine_path = rank_records_path(out, group.rank)
+    else:
+        mine, mine_path = jobs, records_path
     if stop_after is not None:
-        jobs = jobs[:stop_after]
-    with progress.track(f"suite {suite.name}", len(cells)) as bar:
-        bar.advance(len(cells) - len(jobs), "already recorded")
-        if workers > 1 and len(jobs) > 1:
+        mine = mine[:stop_after]
+    label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "")
+    with progress.track(label, len(mine) if group.world > 1 else len(cells)) as bar:
+        if group.world == 1:
+            bar.advance(len(cells) - len(mine), "already recorded")
+        if workers > 1 and len(mine) > 1:
             threads = max(1, torch.get_num_threads() // workers)
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
-            jobs = sorted(jobs, key=lambda job: -job["steps"])
-            for job, record in evaluate_cells(jobs, workers, threads, task, data_root, device,
-                                              cache, out / "cells", ctx.precision):
-                done[job["extra"]["cell_key"]] = records.append_record(records_path, record)
+            mine = sorted(mine, key=lambda job: -job["steps"])
+            for job, record in evaluate_cells(mine, worker_devices(ctx.device, workers, group.world), threads,
+                                              task, data_root, cache, out / "cells", ctx.precision):
+                done[job["extra"]["cell_key"]] = records.append_record(mine_path, record)
                 progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "
                              f"({record['seconds']['posttrain']:.1f}s)")
                 bar.advance(1, job["extra"]["cell"])
         else:
-            for job in jobs:
+            for job in mine:
                 done[job["extra"]["cell_key"]] = evaluate(
-                    ctx, job["folder"], job["student"], job["labels"], job["seed"], out, command=command,
-                    teacher=teacher, extra=job["extra"])
+                    solo, job["folder"], job["student"], job["labels"], job["seed"], mine_path.parent,
+                    command=command, teacher=teacher, extra=job["extra"])
                 bar.advance(1, job["extra"]["cell"])
-    if stop_after is not None and len(jobs) == stop_after and any(p[2] not in done for p in plan):
+    if group.world > 1:
+        group.barrier()
+        if group.is_main:
+            records.merge_records(records_path, rank_record_files(out), order=[p[2] for p in plan])
+        group.barrier()
+        done = {r.get("cell_key"): r for r in records.read_records(records_path)} if records_path.exists() else {}
+    if stop_after is not None and any(p[2] not in done for p in plan):
         raise KeyboardInterrupt(f"stopped after {stop_after} cell(s) as asked")
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
     return [done[p[2]] for p in plan]

@@ -199,3 +199,54 @@ def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
     assert record["epochs"] == task.posttrain.recipe.epochs and record["num_images"] == 100
     assert record["top1"] > 30.0  # learns: chance is 10 %
     benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
+
+
+# ------------------------------------------------------------- the data path at ImageNet's view
+_DATA_IMAGES = 64
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """A generated ImageFolder of 256 px JPEGs (seeded noise over a class colour; 2 classes)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    for k in range(_DATA_IMAGES):
+        path = root / f"class{k % 2}" / f"{k:04d}.JPEG"
+        path.parent.mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) // 2 + (64 if k % 2 else 0)
+        Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+    return root
+
+
+def _imagenet_view_split(root):
+    from torchvision.transforms import v2
+
+    from cdabench.data.images import load_imagefolder
+    split, _ = load_imagefolder(root, 3)
+    return split.with_transform(v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)]))
+
+
+def test_images_decoded_from_original_files(benchmark, jpeg_folder):
+    """Decode + resize + centre crop of 256 px JPEGs to the 224 px working view, one process:
+    what every stage paid per image before the prepared cache (extra_info: images per second)."""
+    split = _imagenet_view_split(jpeg_folder)
+    images = benchmark(split.load_all)
+    assert images.shape == (_DATA_IMAGES, 3, 224, 224)
+    benchmark.extra_info["images_per_s"] = _DATA_IMAGES / benchmark.stats.stats.mean if benchmark.stats else None
+
+
+def test_images_served_from_the_prepared_cache(benchmark, jpeg_folder, tmp_path):
+    """The same 224 px views served from the memory-mapped prepared cache in batches of 32 (the
+    ImageBank path every stage uses; decoded once beforehand)."""
+    from cdabench.data.prepared import prepared_split
+    split = _imagenet_view_split(jpeg_folder)
+    images, targets = prepared_split(split, tmp_path / "prepared", "imagenet-view", (3, 224, 224))
+    bank = ImageBank(images, targets)
+
+    def serve():
+        return [x.clone() for x, _, _ in bank.batches(np.arange(len(bank)), 32)]
+
+    batches = benchmark(serve)
+    assert torch.equal(torch.cat(batches), split.load_all())
+    benchmark.extra_info["images_per_s"] = _DATA_IMAGES / benchmark.stats.stats.mean if benchmark.stats else None

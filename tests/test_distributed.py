@@ -53,3 +53,238 @@ def test_torchrun_splits_shards_and_matches_single_process(tmp_path: Path):
     assert two["files"] == one["files"] and two["images_hash"] == one["images_hash"]
     for rel, digest in two["files"].items():
         assert artifacts.sha256_file(tmp_path / "multi" / "images" / rel) == digest
+
+
+# --- launch safety -------------------------------------------------------------------------------
+
+def test_workers_strip_torchruns_environment():
+    from cdabench.runtime import strip_launcher_env
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29500", "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
+    removed = strip_launcher_env(env)
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
+    assert len(removed) == 9
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [
+    (None, 1, 0), (None, 8, 0),      # plain process: the first visible device
+    (3, 8, 3), (0, 2, 0), (1, 2, 1),  # torchrun shows every GPU of the node: LOCAL_RANK picks one
+    (3, 1, 0), (7, 1, 0),            # the launcher shows one GPU per task: that one, whatever LOCAL_RANK says
+])
+def test_device_from_local_rank_only_when_that_many_are_visible(local_rank, visible, index):
+    from cdabench.runtime import local_device_index
+    assert local_device_index(local_rank, visible) == index
+
+
+def test_more_ranks_than_visible_gpus_is_refused():
+    from cdabench.runtime import local_device_index
+    with pytest.raises(RuntimeError, match="LOCAL_RANK is 2 but only 2 CUDA devices"):
+        local_device_index(2, 2)
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        local_device_index(0, 0)
+
+
+def test_cpu_workers_share_the_cpu():
+    import torch
+
+    from cdabench.runtime import worker_devices
+    assert worker_devices(torch.device("cpu"), 3) == ["cpu", "cpu", "cpu"]
+    assert worker_devices(torch.device("cpu"), 2, world=4) == ["cpu", "cpu"]
+
+
+# --- suites under torchrun -----------------------------------------------------------------------
+
+def test_cells_are_dealt_longest_first_to_the_least_loaded_rank():
+    from cdabench.suite import deal_longest_first
+    jobs = [{"name": n, "steps": s} for n, s in [("a", 2), ("b", 9), ("c", 4), ("d", 4), ("e", 1), ("f", 7)]]
+    shares = deal_longest_first(jobs, 2)
+    # b(9)->0; f(7)->1; c(4)->1 (7<9); d(4)->0 (9<11); a(2)->1 (11<13); e(1)->0 (13=13, lower rank)
+    assert [[j["name"] for j in share] for share in shares] == [["b", "d", "e"], ["f", "c", "a"]]
+    assert sorted(j["name"] for share in deal_longest_first(jobs, 4) for j in share) == list("abcdef")
+
+
+def _record(key: str, top1: float) -> dict:
+    return {"task": "t", "method": "m", "ipc": 1, "student": "s", "labels": "soft", "seed": 0, "top1": top1,
+            "top5": 100.0, "epochs": 1, "image_bytes": 1, "label_bytes": 0, "seconds": {}, "device": "cpu",
+            "versions": {}, "hashes": {}, "cell_key": key}
+
+
+def test_rank_records_merge_once_in_plan_order(tmp_path: Path):
+    from cdabench import records
+    main = tmp_path / "records.jsonl"
+    records.append_record(main, _record("k1", 1.0))
+    part0, part1 = tmp_path / "ranks/rank0/records.jsonl", tmp_path / "ranks/rank1/records.jsonl"
+    records.append_record(part0, _record("k3", 3.0))
+    records.append_record(part1, _record("k2", 2.0))
+    records.append_record(part1, _record("k1", 9.0))   # already merged before a crash: not again
+    merged = records.merge_records(main, [part0, part1], order=["k1", "k2", "k3"])
+    assert [r["cell_key"] for r in merged] == ["k2", "k3"]
+    stored = records.read_records(main)
+    assert [(r["cell_key"], r["top1"]) for r in stored] == [("k1", 1.0), ("k2", 2.0), ("k3", 3.0)]
+    assert not part0.exists() and not part1.exists()
+    assert records.merge_records(main, [part0, part1]) == [] and records.read_records(main) == stored
+
+
+SUITE_TASK = TINY_TASK.replace("ipcs = [4]", "ipcs = [2]") + """
+[posttrain.recipe]
+epochs = 2
+batch_size = 20
+optimizer = "adamw"
+lr = 0.001
+"""
+
+
+@pytest.mark.slow
+def test_suite_under_torchrun_records_every_cell_once_like_one_process(tmp_path: Path, monkeypatch):
+    """`cdabench run` under `torchrun --nproc-per-node 2` (gloo), each rank with 2 spawned cell
+    workers: the workers do not join (and hang) the ranks' process group; resuming a killed
+    2-rank run (a rank's records not merged yet) skips its finished cell; every cell is recorded
+    exactly once, with the single-process run's cell keys and accuracies (one thread everywhere)."""
+    from cdabench import records
+    from cdabench.suite import Suite, run_suite
+    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+    task = tmp_path / "tiny.toml"
+    task.write_text(SUITE_TASK)
+    suite_file = tmp_path / "suite.toml"
+    suite_file.write_text(f'task = "{task}"\nmethods = ["cda", "random"]\nstudents = ["resnet18"]\n'
+                          'hard_label_methods = ["random"]\nseeds = [0, 1]\n')
+    suite = Suite(name="suite", task=str(task), methods=("cda", "random"), students=("resnet18",), seeds=(0, 1),
+                  hard_label_methods=("random",), path=str(suite_file))
+    one = run_suite(suite, tmp_path / "one", device="cpu", workers=1)
+    assert len(one) == 6
+    # A killed 2-rank run: rank 1 had finished one cell, rank 0 never merged it.
+    planted = records.append_record(tmp_path / "multi/ranks/rank1/records.jsonl", one[2])
+    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
+                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu",
+                  "--workers", "2", "--quiet"], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    stored = records.read_records(tmp_path / "multi" / "records.jsonl")
+    assert sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in one)  # every cell, once
+    assert [r["cell_key"] for r in stored if r["cell_key"] == planted["cell_key"]] == [planted["cell_key"]]
+    assert next(r for r in stored if r["cell_key"] == planted["cell_key"])["record_hash"] == planted["record_hash"]
+    by_key = {r["cell_key"]: r for r in stored}
+    fields = ("cell", "top1", "heldout_top1", "final_loss", "hashes")
+    assert [[r[f] for f in fields] for r in one] == [[by_key[r["cell_key"]][f] for f in fields] for r in one]
+    assert not list((tmp_path / "multi" / "ranks").rglob("records.jsonl"))  # merged and removed
+    # A re-run under torchrun finds every cell recorded and writes nothing.
+    again = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
+                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert records.read_records(tmp_path / "multi" / "records.jsonl") == stored
+
+
+# --- data-parallel training ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("labels", ["hard", "online"])
+def test_ddp_training_matches_one_process_on_the_same_global_batch(tmp_path: Path, labels: str):
+    """Two gloo ranks, each with its share of every global batch (5/5 and 2/1 images), train a
+    BN-free CNN to the weights one process reaches: the same order, views, CutMix partners and
+    online-KD targets, the same steps and schedule, the loss weighted by each rank's share.
+    What differs is the order of floating-point sums (gradient all-reduce): 1e-5 relative."""
+    import torch
+    script = Path(__file__).with_name("ddp_train_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent.parent))
+    single = _run([sys.executable, str(script), labels, str(tmp_path / "one.pt")], env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), labels,
+                  str(tmp_path / "two.pt")], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    for name, weight in one["state"].items():
+        torch.testing.assert_close(two["state"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    assert int(two["teacher_forwards"]) == int(one["teacher_forwards"]) == (69 if labels == "online" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topk", [0, 3])
+def test_two_rank_relabel_equals_one_rank_byte_for_byte(tmp_path: Path, topk: int):
+    """The label store's epochs dealt over two gloo ranks: the same epoch files, byte for byte,
+    and the same manifest hash as one process; rank 0 alone writes the manifest."""
+    script = Path(__file__).with_name("ddp_train_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent.parent))
+    single = _run([sys.executable, str(script), f"relabel-{topk}", str(tmp_path / "one")], env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), f"relabel-{topk}",
+                  str(tmp_path / "two")], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = artifacts.read_json(tmp_path / "one/labels.json"), artifacts.read_json(tmp_path / "two/labels.json")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == \
+        ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "epoch_0004.pt", "labels.json"]
+    for name in one["files"]:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert two["label_hash"] == one["label_hash"] and two["label_bytes"] == one["label_bytes"]
+    assert two["teacher_forwards"] == one["teacher_forwards"] == 5 * 23
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_teacher_and_post_trains_data_parallel_writing_one_record(tmp_path: Path):
+    """`cdabench distill` then `cdabench evaluate` under torchrun with an empty cache: both ranks
+    train the teacher (DDP; rank 0 saves it), recover their shards, post-train the student
+    data-parallel with online KD, and rank 0 alone appends the one record."""
+    from cdabench import records
+    task = tmp_path / "tiny.toml"
+    task.write_text(TINY_TASK)
+    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+                "-m", "cdabench.cli"]
+    common = ["--task", str(task), "--device", "cpu", "--quiet"]
+    distilled = _run([*torchrun, "distill", *common, "--method", "cda", "--ipc", "4", "--out", str(tmp_path / "d")],
+                     env)
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    evaluated = _run([*torchrun, "evaluate", *common, "--data", str(tmp_path / "d"), "--epochs", "2",
+                      "--out", str(tmp_path / "runs")], env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    teacher_info = artifacts.read_json(next((tmp_path / "cache" / "teachers").glob("*/teacher.json")))
+    assert teacher_info["ranks"] == 2 and teacher_info["heldout_top1"] >= 50.0  # the guard passed too
+    stored = records.read_records(tmp_path / "runs" / "records.jsonl")
+    assert len(stored) == 1 and stored[0]["num_images"] == 40 and stored[0]["epochs"] == 2
+    # Online KD labels every image of both ranks' rows: 2 epochs x 40 images, summed over the ranks.
+    assert stored[0]["teacher_forwards"] == 80
+
+
+CONTINUAL_SUITE = """
+kind = "continual"
+task = "{task}"
+steps = [5]
+memories = ["random", "cda"]
+strategies = ["naive", "replay"]
+student = "resnet18"
+retrain_epochs = 1
+[sequential]
+epochs = 1
+lr = 0.003
+"""
+
+
+@pytest.mark.slow
+def test_continual_suite_under_torchrun_records_every_cell_once(tmp_path: Path, monkeypatch):
+    """A continual suite under `torchrun --nproc-per-node 2`: the memories are distilled together,
+    the cells dealt across the ranks, and rank 0 merges one record per cell, with the keys and
+    accuracies of a one-process run."""
+    from cdabench import records
+    from cdabench.continual.runner import load_continual_suite, run_continual
+    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+    task = tmp_path / "tiny.toml"
+    task.write_text(SUITE_TASK.replace("ipcs = [2]", "ipcs = [3]").replace("batch_size = 20", "batch_size = 30"))
+    suite_file = tmp_path / "continual.toml"
+    suite_file.write_text(CONTINUAL_SUITE.format(task=task))
+    one = run_continual(load_continual_suite(str(suite_file)), tmp_path / "one", device="cpu")
+    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
+                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    stored = records.read_records(tmp_path / "multi" / "records.jsonl")
+    assert len(one) >= 4 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in one)
+    by_key = {r["cell_key"]: r for r in stored}
+    assert [(r["cell"], r["final_accuracy"]) for r in one] == \
+        [(by_key[r["cell_key"]]["cell"], by_key[r["cell_key"]]["final_accuracy"]) for r in one]
+    assert not list((tmp_path / "multi" / "ranks").rglob("records.jsonl"))

@@ -209,3 +209,15 @@ def test_topk_store_keeps_k_values(tmp_path):
     assert torch.allclose(probs.gather(1, record["topk_indices"].long()), expected)
     for manifest, root in ((full, tmp_path / "full"), (top2, tmp_path / "top2")):
         assert manifest["label_bytes"] == sum(epoch_file(root, e).stat().st_size for e in range(2))
+
+
+def test_label_store_size_is_computed_printed_and_refused_when_too_large(tmp_path):
+    from cdabench.data import DataError
+    from cdabench.distill.labels import check_label_store_size, label_store_bytes
+    # ImageNet-21K at IPC 10, 300 epochs: all fp16 logits vs the top 100 (fp16 value + int32 index).
+    assert label_store_bytes(104_500, 10_450, 300) == 104_500 * (10_450 * 2 + 29) * 300
+    assert label_store_bytes(104_500, 10_450, 300, topk=100) == 104_500 * (100 * 6 + 29) * 300
+    config = LabelStoreConfig(epochs=300, batch_size=128, augment=AugmentSpec(), topk=0)
+    with pytest.raises(DataError, match=r"label store needs .* GiB .* topk = 100"):
+        check_label_store_size(tmp_path, 10**9, 10_450, config, 300)
+    check_label_store_size(tmp_path, 20, 10, config, 2)  # small: printed, accepted

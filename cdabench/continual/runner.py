@@ -29,9 +29,9 @@ from cdabench.distill.context import check_ipc, open_context
 from cdabench.distill.pipeline import distill, student_recipe
 from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
-from cdabench.runtime import device_description, versions
+from cdabench.runtime import ProcessGroup, device_description, versions
 from cdabench.schema import CONTINUAL_PROTOCOLS, ContinualSuite
-from cdabench.suite import distill_key, distill_seed
+from cdabench.suite import distill_key, distill_seed, rank_record_files, rank_records_path
 
 PROTOCOLS = CONTINUAL_PROTOCOLS
 KIND = "continual"
@@ -186,7 +186,9 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
                   precision: str | None = None,
                   holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). `holdout`: the
-    command line's (--holdout-per-class, --holdout-fraction)."""
+    command line's (--holdout-per-class, --holdout-fraction). Under torchrun the teacher and the
+    memories are made collectively (cdabench/suite.py's scheme), then the cells are dealt across
+    the ranks, each rank writing its own records file merged by rank 0."""
     validate(suite)
     task = with_holdout(load_task(suite.task), *holdout)
     ipc = suite_ipc(suite, task)
@@ -195,11 +197,14 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     cells = expand(suite)
     out = Path(out)
     records_path = out / "records.jsonl"
+    if ctx.group.is_main:  # records of a killed multi-process run that rank 0 had not merged yet
+        records.merge_records(records_path, rank_record_files(out))
+    ctx.group.barrier()
     existing = records.read_records(records_path) if records_path.exists() else []
     done = {r.get("cell_key"): r for r in existing}
     dataset = ctx.data.fingerprint()
     start = time.perf_counter()
-    state: dict = {"teacher": None, "scenarios": {}, "memories": {}}
+    state: dict = {"teacher": None, "scenarios": {}, "memories": {}, "folders": {}}
 
     def teacher():
         if state["teacher"] is None:
@@ -213,6 +218,7 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
             folder = out / "distilled" / f"{name}-ipc{ipc}-seed{dseed}-{config_hash}"
             distill(ctx, name, ipc, dseed, folder, command=command, teacher=teacher())
             state["memories"][(name, dseed)] = load_memory(ctx, folder, ipc)
+            state["folders"][(name, dseed)] = folder
         return state["memories"][(name, dseed)]
 
     def scenario(steps: int, seed: int):
@@ -220,35 +226,106 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
             state["scenarios"][(steps, seed)] = scenario_for(ctx, steps, seed, suite.class_order)
         return state["scenarios"][(steps, seed)]
 
-    results, evaluated = [], 0
-    with progress.track(f"suite {suite.name}", len(cells)) as bar:
-        for cell in cells:
-            sc = scenario(cell.steps, cell.seed)
-            mem = memory(cell.memory, cell.seed) if cell.memory not in ("own-buffer", "none") else None
-            mem_size = ipc * ctx.num_classes if cell.memory == "own-buffer" else 0
-            eval_config = _eval_config(ctx, suite, cell, mem_size)
-            teacher_hash = teacher().hash if cell.protocol == "retrain" else None
-            composition = {k: v for k, v in sc.composition().items() if k != "step_class_names"}
-            key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash,
-                           split_settings(task))
-            if key in done:
-                results.append(done[key])
-                bar.advance(1, cell.name)
-                continue
-            record = run_cell(ctx, suite, cell, sc, mem, mem_size, teacher() if cell.protocol == "retrain" else None,
-                              eval_config, command)
+    # The plan: every rank computes the same keys, distilling the memories collectively (their
+    # recover shards are dealt across torchrun's ranks) in the same order.
+    plan = []
+    for cell in cells:
+        sc = scenario(cell.steps, cell.seed)
+        mem = memory(cell.memory, cell.seed) if cell.memory not in ("own-buffer", "none") else None
+        mem_size = ipc * ctx.num_classes if cell.memory == "own-buffer" else 0
+        eval_config = _eval_config(ctx, suite, cell, mem_size)
+        teacher_hash = teacher().hash if cell.protocol == "retrain" else None
+        composition = {k: v for k, v in sc.composition().items() if k != "step_class_names"}
+        key = cell_key(cell, dataset, composition, mem.images_hash if mem else None, eval_config, teacher_hash,
+                       split_settings(task))
+        plan.append((cell, sc, mem, mem_size, eval_config, key))
+    todo, queued = [], set()
+    for entry in plan:
+        if entry[-1] not in done and entry[-1] not in queued:
+            queued.add(entry[-1])
+            todo.append(entry)
+    group = ctx.group
+    solo = dataclasses.replace(ctx, group=ProcessGroup())  # cells run in this process alone
+    mine = todo[group.rank::group.world]  # under torchrun: dealt round-robin in grid order
+    mine_path = records_path if group.world == 1 else rank_records_path(out, group.rank)
+    evaluated = 0
+    if group.world > 1:
+        # Avalanche turns its own distributed mode on (DistributedSampler, refusing loggers off
+        # rank 0) whenever a process group exists: each rank runs its cells in a plain process.
+        def folder(cell):
+            if cell.memory in ("own-buffer", "none"):
+                return None
+            return state["folders"][(cell.memory, distill_seed(cell.memory, cell.seed))]
+        cells_apart = _cells_apart(task, data_root, str(ctx.device), cache, ctx.precision, ipc, suite, command,
+                                   [(entry, folder(entry[0])) for entry in mine])
+    label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "")
+    with progress.track(label, len(mine) if group.world > 1 else len(cells)) as bar:
+        if group.world == 1:
+            bar.advance(len(cells) - len(mine), "already recorded")
+        for cell, sc, mem, mem_size, eval_config, key in mine:
+            if group.world > 1:
+                record = next(cells_apart)
+            else:
+                record = run_cell(solo, suite, cell, sc, mem, mem_size,
+                                  teacher() if cell.protocol == "retrain" else None, eval_config, command)
             record.update({"suite": suite.name, "cell": cell.name, "cell_key": key})
-            record = records.append_record(records_path, record)
-            done[key] = record
-            results.append(record)
+            done[key] = records.append_record(mine_path, record)
             evaluated += 1
             progress.log(f"{cell.name}: final top-1 {record['final_accuracy']:.2f}%, forgetting "
                          f"{record['forgetting']:.2f}, BWT {record['bwt']:+.2f}")
             bar.advance(1, cell.name)
-            if stop_after is not None and evaluated >= stop_after:
+            if stop_after is not None and evaluated >= stop_after and group.world == 1:
                 raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
+    if group.world > 1:
+        group.barrier()
+        if group.is_main:
+            records.merge_records(records_path, rank_record_files(out), order=[p[-1] for p in plan])
+        group.barrier()
+        done = {r.get("cell_key"): r for r in records.read_records(records_path)}
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
-    return results
+    return [done[p[-1]] for p in plan]
+
+
+_WORKER: dict = {}
+
+
+def _init_cell_worker(task, data_root, device: str, cache, precision: str, threads: int) -> None:
+    import torch
+
+    from cdabench import progress
+    from cdabench.distill.context import open_context
+    from cdabench.runtime import strip_launcher_env
+    strip_launcher_env()  # a plain process: no process group, so Avalanche stays single-process
+    torch.set_num_threads(threads)
+    progress.set_quiet(True)
+    _WORKER.update(ctx=open_context(task, data_root, device, cache, precision), teacher=None)
+
+
+def _cell_in_worker(suite, cell, mem_folder, mem_size: int, eval_config: dict, command: str, ipc: int) -> dict:
+    from cdabench.continual.memory import load_memory
+    from cdabench.continual.scenario import scenario_for
+    from cdabench.distill.squeeze import get_teacher
+    ctx = _WORKER["ctx"]
+    if cell.protocol == "retrain" and _WORKER["teacher"] is None:
+        _WORKER["teacher"] = get_teacher(ctx)  # the suite's, from the cache
+    sc = scenario_for(ctx, cell.steps, cell.seed, suite.class_order)
+    mem = load_memory(ctx, mem_folder, ipc) if mem_folder is not None else None
+    return run_cell(ctx, suite, cell, sc, mem, mem_size, _WORKER["teacher"] if cell.protocol == "retrain" else None,
+                    eval_config, command)
+
+
+def _cells_apart(task, data_root, device: str, cache, precision: str, ipc: int, suite, command: str, jobs):
+    """Yield the records of `jobs` ((plan entry, memory folder) pairs), run one after another in
+    one spawned process without torchrun's environment."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_init_cell_worker,
+                             initargs=(task, data_root, device, cache, precision, torch.get_num_threads())) as pool:
+        for (cell, _, _, mem_size, eval_config, _), folder in jobs:
+            yield pool.submit(_cell_in_worker, suite, cell, folder, mem_size, eval_config, command, ipc).result()
 
 
 def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size: int, teacher, eval_config: dict,

@@ -93,15 +93,37 @@ class Context:
         return {"fit": self.fit, "heldout": self.heldout, "test": self.data.test}[name]
 
     def source(self, name: str):
-        """The split as uint8 batches of the working size: in memory when small, else streamed."""
+        """The split as uint8 batches of the working size. Image files: from the prepared cache
+        (decoded once, memory-mapped; cdabench/data/prepared.py) unless $CDABENCH_PREPARED=0,
+        else streamed by $CDABENCH_LOADER_WORKERS persistent DataLoader workers when too large
+        for memory. In-memory datasets (digits, CIFAR, MNIST): held as one tensor."""
         if name not in self._sources:
             split = self.split(name).with_transform(eval_transform(self.data))
             pixels = len(split) * int(np.prod(self.shape))
-            if pixels <= IN_MEMORY_LIMIT:
+            if split.paths is not None and os.environ.get("CDABENCH_PREPARED", "1") != "0":
+                images, targets = self._prepared(name, split)
+                self._sources[name] = ImageBank(images, targets)
+            elif pixels <= IN_MEMORY_LIMIT:
                 self._sources[name] = ImageBank(split.load_all(), torch.as_tensor(split.targets))
             else:
-                self._sources[name] = StreamedImages(split)
+                self._sources[name] = StreamedImages(split, workers=loader_workers())
         return self._sources[name]
+
+    def _prepared(self, name: str, split: ImageSplit):
+        """The first process to ask builds the prepared view (in parallel processes when large);
+        other ranks and workers wait on its lock file, then map it."""
+        from cdabench.data.prepared import prepared_split
+        view = f"{self.data.spec.name} {name} {eval_transform(self.data)!r}"
+        workers = min(8, os.cpu_count() or 1) if len(split) >= 4096 else 0
+        return prepared_split(split, self.cache / "prepared", view, self.shape, workers)
+
+
+def loader_workers() -> int:
+    """DataLoader processes per streamed source ($CDABENCH_LOADER_WORKERS, default 4)."""
+    value = os.environ.get("CDABENCH_LOADER_WORKERS", "4")
+    if not value.isdigit():
+        raise DataError(f"CDABENCH_LOADER_WORKERS must be a non-negative number, got {value!r}")
+    return int(value)
 
 
 def open_context(task: Task, data_root: str | None, device: str = "auto", cache: str | Path | None = None,
@@ -113,6 +135,8 @@ def open_context(task: Task, data_root: str | None, device: str = "auto", cache:
     check_precision(task.precision, dev)
     group = init_process_group(dev)
     data = create_dataset(task.dataset, data_root, task.image_size)
+    if group.world > 1:  # one stat of every file (rank 0's), not one per rank
+        data._fingerprint = group.broadcast(data.fingerprint() if group.is_main else None)
     fit_idx, heldout_idx = stratified_holdout(np.asarray(data.train.targets), per_class=task.holdout_per_class,
                                               fraction=task.holdout_fraction, seed=task.split_seed)
     cache_dir = Path(cache) if cache else default_cache_dir()

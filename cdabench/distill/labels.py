@@ -24,7 +24,7 @@ from torch import nn
 from cdabench import artifacts, progress
 from cdabench.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
                               sample_aug_params)
-from cdabench.runtime import autocast
+from cdabench.runtime import ProcessGroup, autocast
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, t_squared: bool) -> torch.Tensor:
@@ -92,6 +92,12 @@ class OnlineKD(_AugmentedSource):
         views, _ = self._augment(x, rng)
         return views, self._teacher_probs(views)
 
+    def prepare_rows(self, x, y, idx, epoch, rng, data, rows: slice):
+        """Data-parallel training: the whole global batch's views (the same random choices on
+        every rank), the teacher on this rank's rows only."""
+        views, _ = self._augment(x, rng)
+        return views[rows], self._teacher_probs(views[rows])
+
     def loss(self, logits, target):
         return kd_loss(logits, target, self.temperature, self.t_squared)
 
@@ -114,19 +120,27 @@ def epoch_file(root: Path, epoch: int) -> Path:
 
 @torch.no_grad()
 def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, config: LabelStoreConfig,
-                      normalizer, device: torch.device, image_size: int, precision: str = "fp32") -> dict:
+                      normalizer, device: torch.device, image_size: int, precision: str = "fp32",
+                      group: ProcessGroup = ProcessGroup()) -> dict:
     """Generate (or finish) the stored soft labels: one atomically written file per epoch, so an
-    interrupted relabel resumes at the first missing epoch. Returns the store's manifest."""
+    interrupted relabel resumes at the first missing epoch. Returns the store's manifest.
+    With several ranks (every rank calls this) the missing epochs are dealt round-robin; an
+    epoch's file depends only on its own generator and the teacher, so the store is the one a
+    single process writes, byte for byte; rank 0 writes the manifest."""
     finished = (root / "labels.json").exists() and all(epoch_file(root, e).exists() for e in range(config.epochs))
-    if finished:  # made earlier: its manifest keeps the cost of making it
+    if group.broadcast(finished):  # made earlier: its manifest keeps the cost of making it
         return artifacts.read_json(root / "labels.json")
     teacher.eval()
     n = images.shape[0]
     spec = config.augment
     start = time.perf_counter()
-    todo = [e for e in range(config.epochs) if not epoch_file(root, e).exists()]
-    with progress.track("relabel", len(todo)) as bar:
-        for epoch in todo:
+    # Rank 0's list: another rank looking later would see epochs already written and deal differently.
+    todo = group.broadcast([e for e in range(config.epochs) if not epoch_file(root, e).exists()])
+    mine = todo[group.rank::group.world]
+    if group.is_main and todo:
+        check_label_store_size(root, n, _num_outputs(teacher, images, normalizer, device), config, len(todo))
+    with progress.track("relabel" if group.world == 1 else f"relabel (rank {group.rank})", len(mine)) as bar:
+        for epoch in mine:
             # Each epoch has its own generator: resuming at epoch e needs nothing from epochs < e.
             rng = np.random.default_rng([config.seed, 0x5EED, epoch])
             order = rng.permutation(n)
@@ -160,13 +174,54 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
             torch.save(record, buf)
             artifacts.atomic_write_bytes(epoch_file(root, epoch), buf.getvalue())
             bar.advance(1)
+    group.barrier()
+    if not group.is_main:
+        group.barrier()  # rank 0 writes the manifest
+        return artifacts.read_json(root / "labels.json")
     files = {epoch_file(root, e).name: artifacts.sha256_file(epoch_file(root, e)) for e in range(config.epochs)}
     manifest = {"config": config.to_dict(), "num_images": n, "files": files,
                 "label_hash": artifacts.hash_file_map(files),
                 "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(config.epochs)),
                 "teacher_forwards": n * config.epochs, "seconds": time.perf_counter() - start}
     artifacts.atomic_write_json(root / "labels.json", manifest)
+    group.barrier()
     return manifest
+
+
+# Per image and epoch besides the logits: order (int32), crop and mix boxes (2 x 4 int16), flip
+# (bool), partner (int32), lambda (float32).
+_PARAM_BYTES = 4 + 16 + 1 + 4 + 4
+
+
+def label_store_bytes(images: int, classes: int, epochs: int, topk: int = 0) -> int:
+    """Bytes of a label store's epoch files (before torch.save's small overhead): fp16 logits of
+    every class, or top-k fp16 values + int32 indices, plus the augmentation parameters."""
+    per_image = (topk * (2 + 4) if topk else classes * 2) + _PARAM_BYTES
+    return images * per_image * epochs
+
+
+def check_label_store_size(root: Path, images: int, classes: int, config: LabelStoreConfig, epochs: int) -> None:
+    """Print the store's size before anything is written; refuse clearly when the disk (or, for
+    one epoch's logits, the memory) cannot hold it."""
+    import os
+
+    from cdabench.data.prepared import check_free_space
+    total = label_store_bytes(images, classes, epochs, config.topk)
+    kept = f"top-{config.topk} logits" if config.topk else f"all {classes} logits"
+    progress.log(f"label store: {images} images x {epochs} epochs, {kept}: {total / 2**30:.2f} GiB -> {root}")
+    check_free_space(root, total, "the label store",
+                     "" if config.topk else ", or keep only the top-k logits ([posttrain.kd] topk = 100)")
+    one_epoch = images * classes * 4  # fp32 logits of one epoch, then its fp16 copy
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if available is not None and one_epoch > available:
+        from cdabench.data import DataError
+        raise DataError(f"one relabel epoch holds {one_epoch / 2**30:.1f} GiB of logits in memory but "
+                        f"{available / 2**30:.1f} GiB is available: free memory, or relabel a smaller set")
+
+
+@torch.no_grad()
+def _num_outputs(teacher: nn.Module, images: torch.Tensor, normalizer, device: torch.device) -> int:
+    return teacher(normalizer(images[:1].to(device).float().div_(255))).shape[1]
 
 
 def load_epoch(root: Path, epoch: int) -> dict:

@@ -114,7 +114,8 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
         artifacts.atomic_write_json(out / MANIFEST, manifest)
         progress.log(f"distilled {method.name} ipc {ipc} -> {out} ({len(files)} images, {stage_seconds:.1f}s)")
     ctx.group.barrier()
-    return manifest
+    # Every rank returns rank 0's manifest: the others did not write a selection's files.
+    return manifest if ctx.group.is_main else artifacts.read_json(out / MANIFEST)
 
 
 def _fit_images(ctx: Context, indices: np.ndarray) -> torch.Tensor:
@@ -203,7 +204,7 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
                                  "store": store_config.to_dict(), "precision": ctx.precision})
     root = ctx.cache / "labels" / key
     store = build_label_store(root, teacher.model, bank.images, store_config, ctx.normalizer(), ctx.device,
-                              ctx.image_size, precision=ctx.precision)
+                              ctx.image_size, precision=ctx.precision, group=ctx.group)
     source = StoredLabels(root, recipe.augment, ctx.image_size, kd.temperature, kd.t_squared, ctx.num_classes)
     return source, store
 
@@ -249,7 +250,9 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     model = prepare_model(ctx.new_model(recipe), ctx.device)
     result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
                          description=f"post-train {student} ({manifest.get('method')}, {labels})",
-                         precision=ctx.precision)
+                         precision=ctx.precision, group=ctx.group)
+    if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and writes the one record
+        return ctx.group.broadcast(None)
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
     heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
     kd = ctx.task.posttrain.kd
@@ -280,4 +283,4 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     record = records.append_record(Path(out) / "records.jsonl", record)
     progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
                  f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")
-    return record
+    return ctx.group.broadcast(record)

@@ -39,11 +39,12 @@ def _new_teacher(ctx: Context) -> nn.Module:
 
 
 def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
-    """Train (or reuse) the task's teacher. Only rank 0 trains; the other ranks wait and load."""
+    """Train (or reuse) the task's teacher. Under torchrun every rank trains it data-parallel
+    (train_model with the context's group); rank 0 evaluates and saves it, the others then load it."""
     key = teacher_key(ctx, seed)
     folder = ctx.cache / "teachers" / key
     weights, meta_path = folder / "teacher.pt", folder / "teacher.json"
-    if not meta_path.exists() and ctx.group.is_main:
+    if ctx.group.broadcast(not meta_path.exists()):  # rank 0's view: every rank trains, or none
         recipe = ctx.task.teacher
         seed_everything(seed)
         model = prepare_model(_new_teacher(ctx), ctx.device)
@@ -51,18 +52,20 @@ def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
         start = time.perf_counter()
         result = train_model(model, ctx.source("fit"), labels, recipe, ctx.normalizer(), ctx.device, seed,
                              ctx.image_size, description=f"squeeze {recipe.model}",
-                             checkpoint=folder / "checkpoint.pt", precision=ctx.precision)
-        heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
-        test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
-        artifacts.save_state_dict(weights, {k: v.cpu() for k, v in model.state_dict().items()})
-        info = {"key": key, "source": "trained", "recipe": dataclasses.asdict(recipe), "seed": seed,
-                "classes": ctx.classes, "heldout_top1": heldout["top1"], "test_top1": test["top1"],
-                "precision": ctx.precision,
-                "seconds": time.perf_counter() - start, "history": result.history,
-                "dataset_fingerprint": ctx.data.fingerprint()}
-        artifacts.atomic_write_json(meta_path, info)
-        progress.log(f"teacher {recipe.model}: held-out top-1 {heldout['top1']:.2f}%, test top-1 {test['top1']:.2f}% "
-                     f"({info['seconds']:.0f}s)")
+                             checkpoint=folder / "checkpoint.pt", precision=ctx.precision, group=ctx.group)
+        if ctx.group.is_main:
+            heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device,
+                                     precision=ctx.precision)
+            test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+            artifacts.save_state_dict(weights, {k: v.cpu() for k, v in model.state_dict().items()})
+            info = {"key": key, "source": "trained", "recipe": dataclasses.asdict(recipe), "seed": seed,
+                    "classes": ctx.classes, "heldout_top1": heldout["top1"], "test_top1": test["top1"],
+                    "precision": ctx.precision,
+                    "seconds": time.perf_counter() - start, "history": result.history,
+                    "dataset_fingerprint": ctx.data.fingerprint(), "ranks": ctx.group.world}
+            artifacts.atomic_write_json(meta_path, info)
+            progress.log(f"teacher {recipe.model}: held-out top-1 {heldout['top1']:.2f}%, "
+                         f"test top-1 {test['top1']:.2f}% ({info['seconds']:.0f}s)")
     ctx.group.barrier()
     info = artifacts.read_json(meta_path)
     model = _new_teacher(ctx)

@@ -19,7 +19,7 @@ from torch import nn
 
 from cdabench import artifacts, progress
 from cdabench.schema import TrainRecipe
-from cdabench.runtime import autocast
+from cdabench.runtime import ProcessGroup, autocast
 
 
 class Normalizer:
@@ -55,20 +55,42 @@ class ImageBank:
 
 class StreamedImages:
     """Training images decoded on the fly by DataLoader workers (the full real set of a large
-    dataset): an ImageSplit whose transform already yields uint8 tensors of the working size."""
+    dataset, when the prepared cache is off): an ImageSplit whose transform already yields uint8
+    tensors of the working size. The workers persist across epochs (one loader per batch size;
+    each epoch's order is handed to them through a mutable sampler), and batches are pinned for
+    non-blocking copies to a GPU."""
 
     def __init__(self, split, workers: int = 4):
         self.split, self.workers = split, workers
         self.labels = torch.as_tensor(np.asarray(split.targets)).long()
+        self._loaders: dict[int, tuple[torch.utils.data.DataLoader, _OrderSampler]] = {}
 
     def __len__(self) -> int:
         return len(self.split)
 
     def batches(self, order: np.ndarray, batch_size: int):
-        loader = torch.utils.data.DataLoader(
-            _Indexed(self.split), batch_size=batch_size, sampler=order.tolist(),
-            num_workers=self.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        if batch_size not in self._loaders:
+            sampler = _OrderSampler()
+            loader = torch.utils.data.DataLoader(
+                _Indexed(self.split), batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                pin_memory=torch.cuda.is_available(), persistent_workers=self.workers > 0)
+            self._loaders[batch_size] = (loader, sampler)
+        loader, sampler = self._loaders[batch_size]
+        sampler.order = order.tolist()
         yield from loader
+
+
+class _OrderSampler(torch.utils.data.Sampler):
+    """Yields whatever order was set last (read when an epoch's iteration starts)."""
+
+    def __init__(self):
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(list(self.order))
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -139,11 +161,45 @@ class TrainResult:
     teacher_forwards: int = 0
 
 
+def rank_rows(n: int, group: ProcessGroup) -> slice:
+    """This rank's contiguous share of a global batch of n images (np.array_split's sizes)."""
+    base, extra = divmod(n, group.world)
+    start = group.rank * base + min(group.rank, extra)
+    return slice(start, start + base + (1 if group.rank < extra else 0))
+
+
+def take_rows(target, rows: slice):
+    """Rows of a label source's target: a tensor, or a tuple of tensors (mixed hard labels)."""
+    if isinstance(target, tuple):
+        return tuple(take_rows(t, rows) for t in target)
+    return target[rows]
+
+
+def prepare_rows(labels, x, y, idx, epoch, rng, data, rows: slice):
+    """Inputs and targets of the global batch's `rows` only. Every rank augments the whole global
+    batch with the same generator (cheap next to the forward pass) and keeps its rows, so the
+    ranks' views together are exactly one process's views; a source with its own `prepare_rows`
+    (online KD) runs its teacher on these rows alone."""
+    if hasattr(labels, "prepare_rows"):
+        return labels.prepare_rows(x, y, idx, epoch, rng, data, rows)
+    inputs, target = labels.prepare(x, y, idx, epoch, rng, data)
+    return inputs[rows], take_rows(target, rows)
+
+
 def train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data,
-               precision: str = "fp32") -> torch.Tensor:
-    """One optimiser step: augment + target (from the label source), forward, loss, backward."""
+               precision: str = "fp32", group: ProcessGroup = ProcessGroup()) -> torch.Tensor:
+    """One optimiser step: augment + target (from the label source), forward, loss, backward.
+    With several ranks (`model` wrapped in DistributedDataParallel) this rank's rows of the global
+    batch; its loss is weighted by its share of the global batch, so that DDP's gradient mean is
+    the gradient of the global batch's mean loss. Returns this rank's mean loss."""
     x = to_unit(x_uint8, device)
-    inputs, target = labels.prepare(x, y.to(device), idx, epoch, rng, data)
+    if group.world == 1:
+        inputs, target = labels.prepare(x, y.to(device), idx, epoch, rng, data)
+        weight = 1.0
+    else:
+        rows = rank_rows(len(y), group)
+        inputs, target = prepare_rows(labels, x, y.to(device), idx, epoch, rng, data, rows)
+        weight = (rows.stop - rows.start) * group.world / len(y)
     inputs = normalizer(inputs)
     if device.type == "cuda":
         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -151,7 +207,7 @@ def train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, ep
         logits = model(inputs)
     loss = labels.loss(logits.float(), target)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight if weight != 1.0 else loss).backward()
     optimizer.step()
     return loss.detach()
 
@@ -179,19 +235,30 @@ def _load_checkpoint(path: Path, model, optimizer, rng, result: TrainResult) -> 
 def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer: Normalizer,
                 device: torch.device, seed: int, image_size: int, description: str = "train",
                 on_epoch=None, checkpoint: Path | None = None, checkpoint_seconds: float = 60.0,
-                precision: str = "fp32") -> TrainResult:
+                precision: str = "fp32", group: ProcessGroup = ProcessGroup()) -> TrainResult:
     """Train `model` in place for recipe.epochs; `labels` is a label source (distill/labels.py)
     that decides the epoch order, the augmentation parameters and the loss.
     `on_epoch(epoch, model)` may return a dict of metrics to keep in the history.
     `precision`: "fp32", or "bf16" for the forward passes under autocast (the loss stays fp32).
     With `checkpoint`, the state (model, optimiser, generator, history) is saved atomically at
-    most every `checkpoint_seconds`, and a killed run resumes from the last saved epoch."""
+    most every `checkpoint_seconds`, and a killed run resumes from the last saved epoch.
+
+    With several ranks in `group` (every rank calls this), the model is wrapped in
+    DistributedDataParallel and each rank trains on its share of every global batch of
+    recipe.batch_size: the same epoch order, augmentation, optimiser steps and schedule as one
+    process (the generator is the same on every rank). BatchNorm statistics are per rank (plain
+    DDP, as the SRe2L/CDA reference code trains), so only BN-free models match one process to
+    rounding; a global batch with fewer images than ranks (an epoch's last) is skipped. Rank 0
+    alone writes the checkpoint."""
     rng = np.random.default_rng([seed, 0xA11CE])
     optimizer = make_optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
     result, step, first_epoch = TrainResult(), 0, 0
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and group.broadcast(checkpoint.exists()):
         first_epoch, step = _load_checkpoint(checkpoint, model, optimizer, rng, result)
+    net = model
+    if group.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     start, last_save = time.perf_counter() - result.seconds, time.perf_counter()
     teacher_forwards_before = result.teacher_forwards
     model.train()
@@ -205,13 +272,18 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                 order = order[:-1]
             for x_uint8, y, idx in data.batches(order, recipe.batch_size):
                 lr = lr_at(recipe, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = train_step(model, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data,
-                                  precision)
-                total_loss += loss * len(y)
-                seen += len(y)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
                 step += 1
+                if len(y) < group.world:  # a rank without images would stall DDP's gradient exchange
+                    continue
+                loss = train_step(net, optimizer, labels, normalizer, device, x_uint8, y, idx, epoch, rng, data,
+                                  precision, group)
+                local = len(y) if group.world == 1 else rank_rows(len(y), group).stop - rank_rows(len(y), group).start
+                total_loss += loss * local
+                seen += local
+            if group.world > 1:
+                total_loss, seen = group.sum(torch.stack([total_loss, torch.tensor(float(seen), device=device)]))
             entry = {"epoch": epoch + 1, "loss": (total_loss / max(1, seen)).item(), "lr": lr}
             if on_epoch is not None:
                 entry.update(on_epoch(epoch, model) or {})
@@ -219,11 +291,14 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
             bar.advance(1, f"loss {entry['loss']:.4f}")
             result.seconds = time.perf_counter() - start
             result.teacher_forwards = teacher_forwards_before + getattr(labels, "teacher_forwards", 0)
-            if checkpoint is not None and epoch + 1 < recipe.epochs and \
+            if checkpoint is not None and group.is_main and epoch + 1 < recipe.epochs and \
                     time.perf_counter() - last_save >= checkpoint_seconds:
                 _save_checkpoint(checkpoint, model, optimizer, rng, epoch + 1, step, result)
                 last_save = time.perf_counter()
-    if checkpoint is not None:
+    if group.world > 1:  # every rank's teacher forwards (online KD labels each rank's rows)
+        mine = torch.tensor(float(result.teacher_forwards - teacher_forwards_before), device=device)
+        result.teacher_forwards = teacher_forwards_before + int(group.sum(mine).item())
+    if checkpoint is not None and group.is_main:
         checkpoint.unlink(missing_ok=True)
         checkpoint.with_suffix(".json").unlink(missing_ok=True)
     return result
