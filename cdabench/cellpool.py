@@ -30,8 +30,7 @@ from cdabench.schema import Task
 _STATE: dict = {}
 
 
-def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, threads: int,
-                 precision: str) -> None:
+def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, threads: int) -> None:
     """`devices`: a queue holding one device name per worker; each worker takes one."""
     strip_launcher_env()
     device = devices.get()
@@ -39,7 +38,7 @@ def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
-    ctx = open_context(task, data_root, device, cache, precision)
+    ctx = open_context(task, data_root, device, cache)
     _STATE.update(ctx=ctx, teacher=get_teacher(ctx))
 
 
@@ -51,10 +50,10 @@ def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: s
 
 
 def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Task, data_root: str | None,
-                   cache: str | None, scratch_root: Path, precision: str = "fp32"):
+                   cache: str | None, scratch_root: Path):
     """Yield (job, record) as cells finish, in len(devices) workers (one per entry, on that
     device). `jobs`: keyword arguments of `_evaluate_cell` minus `scratch`; `task`: the parent's
-    Task, command-line overrides included (a worker that reloaded the task file would lose
+    Task (the context's: command-line overrides, precision included; a worker that reloaded the task file would lose
     them). Stops submitting when the caller stops iterating (the pool is shut down)."""
     workers = len(devices)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
@@ -62,7 +61,7 @@ def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Tas
     for device in devices:
         device_queue.put(device)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(task, data_root, device_queue, cache, threads, precision))
+                               initargs=(task, data_root, device_queue, cache, threads))
     queue, running, clean = list(jobs), {}, False
     try:
         while queue or running:

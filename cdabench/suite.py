@@ -211,7 +211,7 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
             mine = sorted(mine, key=lambda job: -job["steps"])
             for job, record in evaluate_cells(mine, worker_devices(ctx.device, workers, group.world), threads,
-                                              task, data_root, cache, out / "cells", ctx.precision):
+                                              ctx.task, data_root, cache, out / "cells"):
                 done[job["extra"]["cell_key"]] = records.append_record(mine_path, record)
                 progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "
                              f"({record['seconds']['posttrain']:.1f}s)")
