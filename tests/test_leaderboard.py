@@ -3,16 +3,18 @@ regression; bad names and foreign record schemas are refused with the reason."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from cdabench import records
-from cdabench.check import read_targets, write_targets
+from cdabench.check import compare, read_targets, write_targets
 from cdabench.cli import main
 from cdabench.config import ConfigError
 from cdabench.leaderboard import generate
 from cdabench.published import status as published_status
+from cdabench.report import summarise, verdict
 from cdabench.suite import Cell, expand, load_suite, narrow, validate
 
 STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
@@ -21,14 +23,16 @@ STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
 def test_cross_arch_grid_expands_as_declared():
     suite = load_suite("cross-arch")
     cells = expand(suite)
-    # 5 methods (full has no IPC) x 1 IPC x 2 seeds x 4 students, soft; + hard for cda and random.
-    assert len(cells) == (5 + 2) * 2 * 4
+    # 4 methods x 2 IPCs (1, 10) + full (no IPC), x 2 seeds x 4 students, soft; + hard for cda and random.
+    assert len(cells) == ((4 + 2) * 2 + 1) * 2 * 4
+    assert Cell("digits", "random", 1, "resnet18", "hard", 0) in cells
     assert len(set(cells)) == len(cells)
     assert Cell("digits", "cda", 10, "deit_tiny", "hard", 1) in cells
     assert Cell("digits", "full", None, "resnet50", "soft", 0) in cells
     assert not any(c.method == "sre2l" and c.labels == "hard" for c in cells)
     narrowed = expand(narrow(suite, students=["resnet18"], seeds=[0, 1, 2], methods=["cda", "random"]))
-    assert len(narrowed) == 2 * 3 * 1 * 2
+    assert len(narrowed) == 2 * 2 * 3 * 2   # methods x IPCs x seeds x (soft, hard)
+    assert len(expand(narrow(suite, ipcs=[10]))) == (5 + 2) * 2 * 4
 
 
 @pytest.mark.parametrize("change, message", [
@@ -91,10 +95,25 @@ def test_leaderboard_is_byte_deterministic_and_carries_provenance(tmp_path):
     md = (tmp_path / "a" / "digits.md").read_text()
     # cda is 5 points below random for every student and seed: Δ = -5.0 exactly, zero-width interval.
     assert "| cda | 80.5 ± 0.7 | 79.5 ± 0.7 | 78.5 ± 0.7 | 77.5 ± 0.7 | 79.0 | 77.5 | -5.0 [-5.0, -5.0] | 0,1 |" in md
+    assert ("cda loses to random real images under the same soft labels (-5.0 points, 95 % interval [-5.0, -5.0])."
+            in md)
     assert "Kendall τ" in md and "+1.00" in md   # identical rankings across students
     assert "cdabench run --suite t" in md and "cpu:test" in md
     csv_text = (tmp_path / "a" / "digits.csv").read_text()
     assert all(r["record_hash"] in csv_text for r in grid_records())
+
+
+def test_verdict_says_beats_loses_or_not_distinguishable():
+    rows = [make_record("random", 10, s, seed, 80.0) for s in STUDENTS for seed in (0, 1)]
+    rows += [make_record("cda", 10, s, seed, 80.0 + (3.0 if seed == 0 else -2.0)) for s in STUDENTS for seed in (0, 1)]
+    rows += [make_record("herding", 10, s, seed, 82.0 + 0.2 * seed) for s in STUDENTS for seed in (0, 1)]
+    summary = summarise(rows)[0]
+    text = {row.method: verdict(summary, row) for row in summary.rows}
+    assert text["random"] is None
+    # Δ per seed +3, -2: mean +0.5, t-interval 0.5 ± 12.71 x 2.5 = [-31.3, +32.3].
+    assert text["cda"] == ("cda is not distinguishable from random real images under the same soft labels "
+                           "(+0.5 points, 95 % interval [-31.3, +32.3]).")
+    assert text["herding"].startswith("herding beats random real images under the same soft labels (+2.1 points")
 
 
 def test_published_status_rules():
@@ -137,3 +156,29 @@ def test_spread_is_shown_whenever_there_are_two_seeds():
     assert report.fmt(88.1, 0.0) == "88.1 ± 0.0"
     assert report.fmt(88.1, None) == "88.1"
     assert report.fmt(None) == "–"
+
+
+def test_targets_are_k_standard_errors_and_two_sided_targets_catch_a_move_up(tmp_path):
+    # Two seeds per cell: cda 80 / 82 (s = 1.414), random 85 / 86 (s = 0.707).
+    rows = [make_record("cda", 10, "resnet18", seed, 80.0 + 2 * seed) for seed in (0, 1)]
+    rows += [make_record("random", 10, "resnet18", seed, 85.0 + seed) for seed in (0, 1)]
+    targets = write_targets(tmp_path / "t.csv", rows, two_sided=("cda",))
+    by_method = {t.method: t for t in targets}
+    assert by_method["cda"].target_top1 == 81.0 and by_method["cda"].sides == 2
+    assert by_method["cda"].tolerance == round(3 * math.sqrt(2) / math.sqrt(2), 2)   # 3 x s / sqrt(n) = 3.0
+    assert by_method["random"].tolerance == 1.5 and by_method["random"].sides == 1
+    assert read_targets(tmp_path / "t.csv") == targets                               # the CSV round-trips
+    up = [make_record("cda", 10, "resnet18", seed, 90.0) for seed in (0, 1)]
+    up += [make_record("random", 10, "resnet18", seed, 95.0) for seed in (0, 1)]
+    status = {s.target.method: s.status for s in compare(up, targets)}
+    assert status == {"cda": "changed", "random": "ok"}      # better fails only where both sides are checked
+    down = [make_record("cda", 10, "resnet18", seed, 77.9) for seed in (0, 1)]
+    assert [s.status for s in compare(down, targets) if s.target.method == "cda"] == ["regressed"]
+
+
+def test_a_target_looser_than_five_points_is_refused(tmp_path):
+    rows = [make_record("sre2l", 10, "resnet18", seed, 60.0 + 8 * seed) for seed in (0, 1)]   # 3 x 5.66 / 1.41 = 12
+    with pytest.raises(ValueError, match=r"too unstable for a regression target \(tolerance > 5 points\): "
+                                         r"sre2l ipc10 resnet18 soft \(tolerance 12.00\)"):
+        write_targets(tmp_path / "t.csv", rows)
+    assert not (tmp_path / "t.csv").exists()
