@@ -78,6 +78,9 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
                                ",".join(map(str, seeds))])
         lines += report.md_table(["method", *summary.students, "panel mean", "worst", "Δ vs random [95% CI]", "seeds"],
                            table_rows)
+        verdicts = [v for v in (report.verdict(summary, row) for row in summary.rows) if v]
+        if verdicts:
+            lines += ["", "In plain words (panel mean, paired by seed): " + " ".join(verdicts)]
         tau = "n/a" if math.isnan(summary.tau_mean) else f"{summary.tau_mean:+.2f}"
         lines += ["", f"Kendall τ between the students' method rankings (soft labels), mean over student pairs: {tau}."]
         if summary.tau_pairs:

@@ -70,6 +70,25 @@ class Summary:
         return stats.paired_difference(row.panel_by_seed(self.students), base.panel_by_seed(self.students))
 
 
+def verdict(summary: Summary, row: Row) -> str | None:
+    """One plain sentence: does `row` beat random real images under the same label protocol
+    (its panel mean, paired by seed, 95 % interval)? None for random itself and full data."""
+    delta = summary.delta_vs_random(row)
+    if delta is None or row.method == "full":
+        return None
+    labels = "soft" if row.labels == "soft" else "hard"
+    if delta.low is None:
+        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({labels} labels), one seed: no interval."
+    if delta.high < 0:
+        word = "loses to"
+    elif delta.low > 0:
+        word = "beats"
+    else:
+        word = "is not distinguishable from"
+    return (f"{row.label} {word} random real images under the same {labels} labels "
+            f"({delta.mean:+.1f} points, 95 % interval [{delta.low:+.1f}, {delta.high:+.1f}]).")
+
+
 def summarise(records: list[dict]) -> list[Summary]:
     """One summary per (task, IPC); `full` rows (ipc None) join every IPC's summary of their task."""
     groups: dict[tuple, dict[tuple, Row]] = defaultdict(dict)
