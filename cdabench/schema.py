@@ -195,9 +195,20 @@ class PostTrain:
     # set would dominate its budget; the record says which (docs/digits.md).
     full_epochs: int | None = None
     full_batch_size: int | None = None  # the `full` baseline's batch (None: the recipe's)
+    # Cells at any IPC train for the optimiser steps of a cell at this IPC (epochs scaled by the
+    # ratio of steps per epoch, rounded up); None: the same epochs at every IPC, the papers' rule.
+    # A budget choice for tasks whose small-IPC cells would otherwise get a handful of steps
+    # (digits IPC 1: one step per epoch); recorded in every record's recipe (docs/digits.md).
+    equal_steps_ipc: int | None = None
 
-    def recipe_for(self, student: str, full: bool = False) -> TrainRecipe:
-        """The protocol for one student: the shared recipe with that student's overrides."""
+    def __post_init__(self):
+        if self.equal_steps_ipc is not None and self.equal_steps_ipc < 1:
+            raise ValueError(f"equal_steps_ipc must be a positive IPC, got {self.equal_steps_ipc}")
+
+    def recipe_for(self, student: str, full: bool = False, images: int | None = None,
+                   classes: int | None = None) -> TrainRecipe:
+        """The protocol for one student: the shared recipe with that student's overrides. `images`
+        and `classes`: the size of the set it trains on, which sets its epochs under equal_steps_ipc."""
         changes = {"model": student}
         override = self.students.get(student)
         full_changes = {"epochs": self.full_epochs, "batch_size": self.full_batch_size}
@@ -212,7 +223,14 @@ class PostTrain:
                     changes[f.name] = value
         if full:
             changes.update({k: v for k, v in full_changes.items() if v is not None})
-        return dataclasses.replace(self.recipe, **changes)
+        recipe = dataclasses.replace(self.recipe, **changes)
+        if full or self.equal_steps_ipc is None or images is None:
+            return recipe
+        if classes is None:
+            raise ValueError("equal_steps_ipc needs the number of classes to size the reference set")
+        reference_steps = math.ceil(self.equal_steps_ipc * classes / recipe.batch_size)
+        steps_per_epoch = math.ceil(images / recipe.batch_size)
+        return dataclasses.replace(recipe, epochs=math.ceil(recipe.epochs * reference_steps / steps_per_epoch))
 
 
 @dataclass(frozen=True)

@@ -182,9 +182,9 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
     for cell in cells:
         folder, manifest = distilled[(cell.method, cell.ipc, distill_seed(cell.method, cell.seed))]
         full = bool(manifest.get("full"))
-        eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full)
-        key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash, split_settings(task))
         images = len(ctx.fit) if full else len(manifest["files"])  # full: the fit split, no copies
+        eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full, images=images)
+        key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash, split_settings(task))
         steps = eval_config["recipe"]["epochs"] * math.ceil(images / eval_config["recipe"]["batch_size"])
         plan.append((cell, folder, key, steps))
     jobs, queued = [], set()

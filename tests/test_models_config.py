@@ -63,6 +63,34 @@ def test_shared_recipe_student_overrides_and_full(task):
     assert pt.recipe.augment.min_scale == 0.25 and pt.recipe_for("mobilenetv2").augment.flip
 
 
+def test_equal_steps_ipc_scales_epochs_by_steps_per_epoch(tmp_path):
+    """Under equal_steps_ipc a cell at any IPC trains the optimiser steps of a cell at that IPC:
+    epochs x ceil(ref images / batch) / ceil(images / batch), rounded up; full data is untouched."""
+    path = tmp_path / "t.toml"
+    path.write_text(TASK.replace("[posttrain]\n", "[posttrain]\nequal_steps_ipc = 10\n"))
+    pt = load_task(str(path)).posttrain
+    assert pt.equal_steps_ipc == 10
+    # batch 100, 10 classes: IPC 10 = 1 step per epoch, as is IPC 1 (10 images): the same epochs.
+    assert pt.recipe_for("resnet18", images=100, classes=10).epochs == 30
+    assert pt.recipe_for("resnet18", images=10, classes=10).epochs == 30
+    # 50 classes: the reference set is 500 images = 5 steps per epoch; 50 images = 1 step -> 5x the epochs.
+    assert pt.recipe_for("resnet18", images=50, classes=50).epochs == 30 * 5
+    # 230 images = 3 steps per epoch: 30 x 5 / 3 = 50 epochs.
+    assert pt.recipe_for("resnet18", images=230, classes=50).epochs == 50
+    assert pt.recipe_for("resnet50", images=50, classes=50).epochs == 12 * 5   # the student's own epochs, scaled
+    assert pt.recipe_for("resnet18", full=True, images=1293, classes=10).epochs == 3
+    assert load_task(str(tmp_path / "t.toml")).posttrain.recipe_for("resnet18").epochs == 30  # no set size: as written
+    digits = load_task("digits").posttrain
+    assert digits.recipe_for("resnet18", images=10, classes=10).epochs == 4 * digits.recipe_for("resnet18").epochs
+
+
+def test_equal_steps_ipc_must_be_positive(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(TASK.replace("[posttrain]\n", "[posttrain]\nequal_steps_ipc = 0\n"))
+    with pytest.raises((ConfigError, ValueError), match="equal_steps_ipc must be a positive IPC"):
+        load_task(str(path))
+
+
 def test_unknown_student_setting_is_refused(tmp_path):
     path = tmp_path / "t.toml"
     path.write_text(TASK + "\n[posttrain.students.mobilenetv2]\nlearning_rate = 0.1\n")

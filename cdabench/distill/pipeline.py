@@ -209,15 +209,19 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
     return source, store
 
 
-def student_recipe(ctx: Context, student: str, epochs: int | None = None, full: bool = False):
-    recipe = ctx.task.posttrain.recipe_for(student, full)
+def student_recipe(ctx: Context, student: str, epochs: int | None = None, full: bool = False,
+                   images: int | None = None):
+    """The task's recipe for `student` on a set of `images` (which sets the epochs under the task's
+    equal_steps_ipc); `epochs` (the command line's --epochs) overrides the result."""
+    recipe = ctx.task.posttrain.recipe_for(student, full, images, ctx.num_classes)
     return dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
 
 
-def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None, full: bool = False) -> dict:
+def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None, full: bool = False,
+                      images: int | None = None) -> dict:
     """Everything about post-train that a result depends on (hashed into every record)."""
     kd = ctx.task.posttrain.kd
-    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full)), "labels": labels,
+    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full, images)), "labels": labels,
             "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
 
 
@@ -233,7 +237,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
     bank, manifest = load_distilled(ctx, data_dir)
     full = bool(manifest.get("full"))
-    recipe = student_recipe(ctx, student, epochs, full)
+    recipe = student_recipe(ctx, student, epochs, full, len(bank))
     external = manifest.get("method") == "external"
     if teacher is None and (labels == "soft" or (external and not allow_label_mismatch)):
         teacher = get_teacher(ctx, teacher_path)
@@ -256,7 +260,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
     heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
     kd = ctx.task.posttrain.kd
-    eval_config = evaluation_config(ctx, student, labels, epochs, full)
+    eval_config = evaluation_config(ctx, student, labels, epochs, full, len(bank))
     seconds = dict(manifest.get("seconds", {}))
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
     if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)
