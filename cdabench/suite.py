@@ -211,16 +211,16 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
             mine = sorted(mine, key=lambda job: -job["steps"])
             for job, record in evaluate_cells(mine, worker_devices(ctx.device, workers, group.world), threads,
-                                              ctx.task, data_root, cache, out / "cells"):
+                                              ctx.task, data_root, cache):
                 done[job["extra"]["cell_key"]] = records.append_record(mine_path, record)
                 progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "
                              f"({record['seconds']['posttrain']:.1f}s)")
                 bar.advance(1, job["extra"]["cell"])
         else:
             for job in mine:
-                done[job["extra"]["cell_key"]] = evaluate(
-                    solo, job["folder"], job["student"], job["labels"], job["seed"], mine_path.parent,
-                    command=command, teacher=teacher, extra=job["extra"])
+                record = evaluate(solo, job["folder"], job["student"], job["labels"], job["seed"], command=command,
+                                  teacher=teacher, extra=job["extra"])
+                done[job["extra"]["cell_key"]] = records.append_record(mine_path, record)
                 bar.advance(1, job["extra"]["cell"])
     if group.world > 1:
         group.barrier()
