@@ -34,6 +34,7 @@ from cdabench.models import create_model
 from cdabench.published import read_continual
 from cdabench.schema import AugmentSpec, TrainRecipe
 from tests.fixtures import make_tiny_imagenet
+from tests.interrupt import interrupt_at
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,9 +326,10 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
     suite_path = tmp_path / "tiny-continual.toml"
     suite_path.write_text(TINY_SUITE.format(task=tmp_path / "tiny.toml"))
     out = tmp_path / "run"
-    # Killed after two cells, then resumed by the command line.
-    with pytest.raises(KeyboardInterrupt):
-        run_continual(load_continual_suite(str(suite_path)), out, device="cpu", stop_after=2)
+    # Killed once two cells are recorded, then resumed by the command line.
+    suite = load_continual_suite(str(suite_path))
+    with pytest.raises(KeyboardInterrupt), interrupt_at(f"suite {suite.name}", 2):
+        run_continual(suite, out, device="cpu")
     assert len(records.read_records(out / "records.jsonl")) == 2
     assert main(["run", "--suite", str(suite_path), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     rows = records.read_records(out / "records.jsonl")

@@ -9,6 +9,8 @@ import pytest
 from cdabench import records
 from cdabench.suite import Suite, run_suite
 
+from .interrupt import interrupt_at
+
 TASK = """
 dataset = "digits"
 ipcs = [2]
@@ -47,9 +49,9 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     task = write_task(tmp_path)
-    # Killed after the first evaluated cell: one record, the rest still to do.
-    with pytest.raises(KeyboardInterrupt):
-        run_suite(suite_for(task), out, device="cpu", stop_after=1)
+    # Killed once the first cell is recorded: one record, the rest still to do.
+    with pytest.raises(KeyboardInterrupt), interrupt_at("suite tiny", 1):
+        run_suite(suite_for(task), out, device="cpu")
     assert len(records.read_records(out / "records.jsonl")) == 1
     results = run_suite(suite_for(task), out, device="cpu")
     stored = records.read_records(out / "records.jsonl")

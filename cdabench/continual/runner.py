@@ -182,8 +182,7 @@ def cell_key(cell: ContinualCell, dataset: str, scenario: dict, images_hash: str
 
 
 def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None, device: str = "auto",
-                  cache: str | None = None, command: str = "", stop_after: int | None = None,
-                  precision: str | None = None,
+                  cache: str | None = None, command: str = "", precision: str | None = None,
                   holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). `holdout`: the
     command line's (--holdout-per-class, --holdout-fraction). Under torchrun the teacher and the
@@ -248,7 +247,6 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     solo = dataclasses.replace(ctx, group=ProcessGroup())  # cells run in this process alone
     mine = todo[group.rank::group.world]  # under torchrun: dealt round-robin in grid order
     mine_path = records_path if group.world == 1 else rank_records_path(out, group.rank)
-    evaluated = 0
     if group.world > 1:
         # Avalanche turns its own distributed mode on (DistributedSampler, refusing loggers off
         # rank 0) whenever a process group exists: each rank runs its cells in a plain process.
@@ -270,12 +268,9 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
                                   teacher() if cell.protocol == "retrain" else None, eval_config, command)
             record.update({"suite": suite.name, "cell": cell.name, "cell_key": key})
             done[key] = records.append_record(mine_path, record)
-            evaluated += 1
             progress.log(f"{cell.name}: final top-1 {record['final_accuracy']:.2f}%, forgetting "
                          f"{record['forgetting']:.2f}, BWT {record['bwt']:+.2f}")
             bar.advance(1, cell.name)
-            if stop_after is not None and evaluated >= stop_after and group.world == 1:
-                raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
     if group.world > 1:
         group.barrier()
         if group.is_main:

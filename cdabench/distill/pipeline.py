@@ -46,8 +46,7 @@ def _check_same_run(path: Path, config: dict) -> None:
 
 
 def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str | Path,
-            teacher_path: str | None = None, command: str = "", stop_after: int | None = None,
-            teacher: Teacher | None = None) -> dict:
+            teacher_path: str | None = None, command: str = "", teacher: Teacher | None = None) -> dict:
     """`teacher`: one already loaded and guarded (a suite passes its own, so it is not reloaded
     and re-checked for every set)."""
     method = load_method(method_name)
@@ -81,7 +80,7 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
     selection = None
     if synthetic:
         markers = run_recover(teacher.model, out, folders, ipc, rconfig, seed, ctx.shape, ctx.mean, ctx.std,
-                              ctx.device, ctx.group, stop_after=stop_after)
+                              ctx.device, ctx.group)
         files = {rel: digest for m in markers.values() for rel, digest in m["files"].items()}
         stage_seconds = sum(m["seconds"] for m in markers.values())
     elif full:
