@@ -36,7 +36,11 @@ MODELS: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, timm_name: str, description: str):
+    """Decorator registering `build` under `name`; a name already registered is refused (a second
+    entry would silently change what every record of that name measured)."""
     def wrap(build):
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered ({MODELS[name].description}): pick another name")
         MODELS[name] = ModelEntry(name, timm_name, build, description)
         return build
     return wrap

@@ -23,8 +23,8 @@ from cdabench.continual import metrics
 from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name, load_memory
 from cdabench.continual.retrain import run_retrain
 from cdabench.continual.scenario import class_order, scenario_for, split_steps
-from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, check_strategy, memory_kind,
-                                           run_sequential)
+from cdabench.continual.sequential import run_sequential
+from cdabench.continual.strategies import check_strategy, list_strategies, memory_kind, strategy_entry
 from cdabench.distill.context import check_ipc, open_context
 from cdabench.distill.pipeline import distill, student_recipe
 from cdabench.distill.squeeze import get_teacher, teacher_key
@@ -97,15 +97,17 @@ def validate(suite: ContinualSuite) -> None:
         raise ConfigError(f"unknown protocol(s) {', '.join(bad) or '(none given)'}: use {', '.join(PROTOCOLS)}")
     if "sequential" in suite.protocols:
         if not suite.strategies:
-            raise ConfigError(f"the sequential protocol needs strategies: {', '.join(STRATEGIES)}")
+            raise ConfigError(f"the sequential protocol needs strategies: {', '.join(list_strategies())}")
         for strategy in suite.strategies:
             check_strategy(strategy)
     for memory in suite.memories + retrain_memories(suite):
         check_memory_name(memory)
     if "retrain" in suite.protocols and not retrain_memories(suite):
         raise ConfigError("the retrain protocol needs at least one memory source (random, herding, cda, sre2l)")
-    if "sequential" in suite.protocols and "replay" in suite.strategies and not suite.memories:
-        raise ConfigError("strategy replay needs at least one memory source (memories = [random, herding, cda, sre2l])")
+    fed = [s for s in suite.strategies if memory_kind(s) == "source"] if "sequential" in suite.protocols else []
+    if fed and not suite.memories:
+        raise ConfigError(f"strategy {fed[0]} needs at least one memory source "
+                          "(memories = [random, herding, cda, sre2l])")
     missing = [m for m in suite.unmasked if m not in retrain_memories(suite)]
     if missing:
         raise ConfigError(f"unmasked lists {', '.join(missing)}, which are not among the retrain memories "
@@ -157,10 +159,11 @@ def check_data(ctx, suite: ContinualSuite, ipc: int) -> None:
     for steps in suite.steps:
         split_steps(list(range(ctx.num_classes)), steps, f"{ctx.data.spec.name} ({ctx.task.name})")
     used = set(retrain_memories(suite) if "retrain" in suite.protocols else ())
-    if "sequential" in suite.protocols and "replay" in suite.strategies:
+    sequential = suite.strategies if "sequential" in suite.protocols else ()
+    if any(memory_kind(s) == "source" for s in sequential):
         used |= set(suite.memories)
     real = sorted(m for m in used if load_method(m).kind == "select")
-    own = [s for s in suite.strategies if s in OWN_BUFFER_STRATEGIES] if "sequential" in suite.protocols else []
+    own = [s for s in sequential if memory_kind(s) == "own-buffer"]
     if real or own:
         check_ipc(ctx, ipc)
 
@@ -351,7 +354,7 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
             num_images = mem_size
             image_bytes = mem_size * ctx.shape[0] * ctx.image_size * ctx.image_size   # raw uint8 pixels
         label_bytes = num_images * LABEL_BYTES_PER_IMAGE
-        if cell.strategy == "der":   # DER also stores the logits of every buffered image (float32)
+        if strategy_entry(cell.strategy).stores_logits:   # DER: the logits of every buffered image (float32)
             label_bytes += num_images * ctx.num_classes * 4
     result = metrics.summarise(outcome.top1, outcome.top5, sc.test_counts())
     seconds = dict(mem.manifest.get("seconds", {})) if mem else {}
