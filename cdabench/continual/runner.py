@@ -10,11 +10,14 @@ whose `cell_key` (everything its result depends on) is already recorded.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+import torch
 
 from cdabench import artifacts, progress, records
 from cdabench.config import (ConfigError, load_method, load_named, load_task, locate, read_toml, split_settings,
@@ -29,7 +32,7 @@ from cdabench.distill.context import check_ipc, open_context
 from cdabench.distill.pipeline import distill, student_recipe
 from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
-from cdabench.runtime import ProcessGroup, device_description, versions
+from cdabench.runtime import ProcessGroup, device_description, strip_launcher_env, versions
 from cdabench.schema import CONTINUAL_PROTOCOLS, ContinualSuite
 from cdabench.suite import distill_key, distill_seed, rank_record_files, rank_records_path
 
@@ -288,11 +291,6 @@ _WORKER: dict = {}
 
 
 def _init_cell_worker(task, data_root, device: str, cache, precision: str, threads: int) -> None:
-    import torch
-
-    from cdabench import progress
-    from cdabench.distill.context import open_context
-    from cdabench.runtime import strip_launcher_env
     strip_launcher_env()  # a plain process: no process group, so Avalanche stays single-process
     torch.set_num_threads(threads)
     progress.set_quiet(True)
@@ -300,9 +298,6 @@ def _init_cell_worker(task, data_root, device: str, cache, precision: str, threa
 
 
 def _cell_in_worker(suite, cell, mem_folder, mem_size: int, eval_config: dict, command: str, ipc: int) -> dict:
-    from cdabench.continual.memory import load_memory
-    from cdabench.continual.scenario import scenario_for
-    from cdabench.distill.squeeze import get_teacher
     ctx = _WORKER["ctx"]
     if cell.protocol == "retrain" and _WORKER["teacher"] is None:
         _WORKER["teacher"] = get_teacher(ctx)  # the suite's, from the cache
@@ -315,10 +310,6 @@ def _cell_in_worker(suite, cell, mem_folder, mem_size: int, eval_config: dict, c
 def _cells_apart(task, data_root, device: str, cache, precision: str, ipc: int, suite, command: str, jobs):
     """Yield the records of `jobs` ((plan entry, memory folder) pairs), run one after another in
     one spawned process without torchrun's environment."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=_init_cell_worker,
                              initargs=(task, data_root, device, cache, precision, torch.get_num_threads())) as pool:
