@@ -139,7 +139,7 @@ def test_fused_sgd_step_equals_the_formula():
 def test_the_model_registry_refuses_a_second_entry_of_a_name():
     entry = MODELS["resnet18"]
     with pytest.raises(ValueError, match=r"model 'resnet18' is already registered \(timm ResNet.*pick another name"):
-        register_model("resnet18", "resnet34", "another resnet18")(lambda *args: None)
+        register_model("resnet18", "resnet34", "another resnet18", lambda timm_name, size: timm_name)(lambda *args: None)
     assert MODELS["resnet18"] is entry
 
 
