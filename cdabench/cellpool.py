@@ -13,10 +13,8 @@ hangs) its parent rank's process group."""
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from pathlib import Path
 
 import torch
 
@@ -42,17 +40,18 @@ def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, 
     _STATE.update(ctx=ctx, teacher=get_teacher(ctx))
 
 
-def _evaluate_cell(folder: str, student: str, labels: str, seed: int, scratch: str, command: str,
-                   extra: dict, steps: int = 0) -> dict:
-    """One cell in this worker (`steps`: the parent's estimate, used for ordering only)."""
-    return evaluate(_STATE["ctx"], folder, student, labels, seed, scratch, command=command,
-                    teacher=_STATE["teacher"], extra=extra)
+def _evaluate_cell(folder: str, student: str, labels: str, seed: int, command: str, extra: dict,
+                   steps: int = 0) -> dict:
+    """One cell in this worker: its record, returned to the parent (`steps`: the parent's
+    estimate, used for ordering only)."""
+    return evaluate(_STATE["ctx"], folder, student, labels, seed, command=command, teacher=_STATE["teacher"],
+                    extra=extra)
 
 
 def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Task, data_root: str | None,
-                   cache: str | None, scratch_root: Path):
+                   cache: str | None):
     """Yield (job, record) as cells finish, in len(devices) workers (one per entry, on that
-    device). `jobs`: keyword arguments of `_evaluate_cell` minus `scratch`; `task`: the parent's
+    device). `jobs`: keyword arguments of `_evaluate_cell`; `task`: the parent's
     Task (the context's: command-line overrides, precision included; a worker that reloaded the task file would lose
     them). Stops submitting when the caller stops iterating (the pool is shut down)."""
     workers = len(devices)
@@ -67,14 +66,11 @@ def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Tas
         while queue or running:
             while queue and len(running) < workers:
                 job = queue.pop(0)
-                scratch = scratch_root / job["extra"]["cell_key"]
-                running[pool.submit(_evaluate_cell, scratch=str(scratch), **job)] = (job, scratch)
+                running[pool.submit(_evaluate_cell, **job)] = job
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                job, scratch = running.pop(future)
-                record = future.result()
-                shutil.rmtree(scratch, ignore_errors=True)
-                yield job, record
+                job = running.pop(future)
+                yield job, future.result()
         clean = True
     finally:
         if clean:

@@ -144,8 +144,10 @@ def _dispatch(args, command: str) -> int:
         ipc = args.ipc if args.ipc is not None else task.ipcs[0]
         distill(ctx, args.method, ipc, args.seed, args.out, args.teacher, command)
     elif args.command == "evaluate":
-        evaluate(ctx, args.data, args.student, args.labels, args.seed, args.out, args.teacher, command, args.epochs,
-                 allow_label_mismatch=args.allow_label_mismatch)
+        record = evaluate(ctx, args.data, args.student, args.labels, args.seed, args.teacher, command, args.epochs,
+                          allow_label_mismatch=args.allow_label_mismatch)
+        if ctx.group.is_main:  # under torchrun every rank holds the record; one appends it
+            records.append_record(Path(args.out) / "records.jsonl", record)
     return 0
 
 

@@ -9,6 +9,7 @@ Unknown keys are errors that list the known ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -146,15 +147,37 @@ def split_settings(task: Task) -> dict:
             "split_seed": task.split_seed}
 
 
+@functools.cache
+def packaged_methods() -> dict[str, str]:
+    """Every method that ships, {name: where it is declared}: `cda` and the packaged baselines
+    (a file's `name`, else its stem). Two with one name are refused: their records would mix."""
+    found = {CDA.name: "cdabench/config.py (CDA)"}
+    for stem in packaged.names("baselines"):
+        path = packaged.builtin("baselines", f"{stem}.toml")
+        where = str(path)
+        name = read_toml(path).get("name", stem)
+        if name in found:
+            raise ConfigError(f"two methods are named {name!r}: {found[name]} and {where}; rename one")
+        found[name] = where
+    return found
+
+
 def list_methods() -> list[str]:
-    return sorted({"cda", *packaged.names("baselines")})
+    return sorted(packaged_methods())
 
 
 def load_method(name_or_path: str) -> Method:
-    """`cda`, a baseline by name (cdabench/builtin/baselines/<name>.toml) or by the path of a TOML file."""
-    if name_or_path == "cda":
+    """`cda`, a baseline by name (cdabench/builtin/baselines/<name>.toml) or by the path of a TOML
+    file; a file whose method takes a packaged method's name is refused (records name a method)."""
+    shipped = packaged_methods()
+    if name_or_path == CDA.name:
         return CDA
-    return load_named("baselines", Method, name_or_path)
+    method = load_named("baselines", Method, name_or_path)
+    if method.name in shipped and Path(method.path).resolve() != Path(shipped[method.name]).resolve():
+        raise ConfigError(f"{name_or_path} declares method {method.name!r}, the name of the packaged method "
+                          f"in {shipped[method.name]}: give it another file name (or `name = ...`) so that "
+                          "their records stay apart")
+    return method
 
 
 def recover_config(task: Task, method: Method) -> RecoverConfig:

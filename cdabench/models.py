@@ -1,4 +1,5 @@
-"""Model registry: named entries over timm, one `create_model` factory, `pretrained=False` always.
+"""Model registry: named entries over timm (each with the options it takes and the adaptation it
+records; a second entry of one name is refused), one `create_model` factory, `pretrained=False` always.
 
 ResNets are initialised as torchvision initialises them (no zero-initialised last BN gamma), the
 models the official SRe2L/CDA teachers and students are. Small-image adaptations are explicit and
@@ -28,16 +29,23 @@ SMALL_IMAGE_MAX = 64
 class ModelEntry:
     name: str
     timm_name: str
-    build: Callable[..., nn.Module]
+    build: Callable[..., nn.Module]      # build(timm_name, num_classes, in_chans, image_size, **options)
     description: str
+    describe: Callable[..., str]         # describe(timm_name, image_size, **options): the recorded adaptation
+    options: tuple[str, ...] = ()        # the keyword options it takes: patch_size, zero_init_residual
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, timm_name: str, description: str):
+def register_model(name: str, timm_name: str, description: str, describe: Callable[..., str],
+                   options: tuple[str, ...] = ()):
+    """Decorator registering `build` under `name`; a name already registered is refused (a second
+    entry would silently change what every record of that name measured)."""
     def wrap(build):
-        MODELS[name] = ModelEntry(name, timm_name, build, description)
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered ({MODELS[name].description}): pick another name")
+        MODELS[name] = ModelEntry(name, timm_name, build, description, describe, options)
         return build
     return wrap
 
@@ -60,12 +68,27 @@ def _resnet(timm_name, num_classes, in_chans, image_size, zero_init_residual=Fal
     return _small_resnet(model, in_chans, image_size)
 
 
+def _describe_resnet(timm_name: str, image_size: int, zero_init_residual: bool = False) -> str:
+    init = ", zero-init residual BN" if zero_init_residual else ", torchvision init"
+    stem = "stock stem" if image_size > SMALL_IMAGE_MAX else "3x3 stride-1 stem, no max-pool"
+    return f"{timm_name}, {stem}{init}"
+
+
 for _depth in (18, 50, 101):
     register_model(f"resnet{_depth}", f"resnet{_depth}",
-                   "timm ResNet with torchvision's init; 3x3 stride-1 stem, no max-pool at <= 64 px")(_resnet)
+                   "timm ResNet with torchvision's init; 3x3 stride-1 stem, no max-pool at <= 64 px",
+                   _describe_resnet, options=("zero_init_residual",))(_resnet)
 
 
-@register_model("mobilenetv2", "mobilenetv2_100", "timm MobileNetV2 1.0; stride-1 stem at <= 64 px")
+def _describe_mobilenetv2(timm_name: str, image_size: int) -> str:
+    if image_size > SMALL_IMAGE_MAX:
+        return f"{timm_name}, stock stem"
+    stages = mobilenetv2_stride1_stages(image_size)
+    return f"{timm_name}, stride-1 stem" + (f", stride-1 stages {stages}" if stages else "")
+
+
+@register_model("mobilenetv2", "mobilenetv2_100", "timm MobileNetV2 1.0; stride-1 stem at <= 64 px",
+                _describe_mobilenetv2)
 def _mobilenetv2(timm_name, num_classes, in_chans, image_size):
     model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     if image_size <= SMALL_IMAGE_MAX:
@@ -96,16 +119,18 @@ def deit_patch_size(image_size: int) -> int:
     return max(1, image_size // 8)
 
 
-@register_model("deit_tiny", "deit_tiny_patch16_224", "timm DeiT-Tiny; patch = size/8 below 224 px")
+def _describe_deit(timm_name: str, image_size: int, patch_size: int | None = None) -> str:
+    return f"{timm_name}, img_size {image_size}, patch {patch_size or deit_patch_size(image_size)}"
+
+
+@register_model("deit_tiny", "deit_tiny_patch16_224", "timm DeiT-Tiny; patch = size/8 below 224 px", _describe_deit,
+                options=("patch_size",))
 def _deit_tiny(timm_name, num_classes, in_chans, image_size, patch_size=None):
     patch = patch_size or deit_patch_size(image_size)
     if image_size % patch:
         raise ValueError(f"patch_size {patch} does not divide the image size {image_size}: pick a divisor")
     return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                              img_size=image_size, patch_size=patch)
-
-
-PATCH_MODELS = ("deit_tiny",)  # the entries that take `patch_size`
 
 
 def list_models() -> list[str]:
@@ -119,46 +144,39 @@ def check_model_name(name: str) -> None:
 
 
 def _check_patch(name: str, patch_size: int | None) -> None:
-    if patch_size is not None and name not in PATCH_MODELS:
-        raise ValueError(f"patch_size is set for {name!r}, which has no patches; only {', '.join(PATCH_MODELS)} take it")
+    entry = MODELS.get(name)
+    if patch_size is not None and (entry is None or "patch_size" not in entry.options):
+        patched = [n for n, e in MODELS.items() if "patch_size" in e.options]
+        raise ValueError(f"patch_size is set for {name!r}, which has no patches; only {', '.join(patched)} take it")
 
 
-RESNETS = ("resnet18", "resnet50", "resnet101")  # the entries that take `zero_init_residual`
+def _entry_options(entry: ModelEntry, patch_size: int | None, zero_init_residual: bool) -> dict:
+    """The recipe's options that `entry` takes (`zero_init_residual`: our ResNets only; the
+    other entries keep their own initialisation)."""
+    given = {"patch_size": patch_size, "zero_init_residual": zero_init_residual}
+    return {k: v for k, v in given.items() if k in entry.options}
 
 
 def create_model(name: str, num_classes: int, in_chans: int, image_size: int,
                  patch_size: int | None = None, zero_init_residual: bool = False) -> nn.Module:
-    """A fresh, randomly initialised model (seed torch before calling for a reproducible init).
-    `zero_init_residual` applies to our ResNets only; other models keep their own initialisation."""
+    """A fresh, randomly initialised model (seed torch before calling for a reproducible init): a
+    registered entry, else timm's model of that name as it is."""
     check_model_name(name)
     _check_patch(name, patch_size)
     entry = MODELS.get(name)
     if entry is not None:
-        if patch_size is not None:
-            return entry.build(entry.timm_name, num_classes, in_chans, image_size, patch_size=patch_size)
-        if name in RESNETS:
-            return entry.build(entry.timm_name, num_classes, in_chans, image_size, zero_init_residual=zero_init_residual)
-        return entry.build(entry.timm_name, num_classes, in_chans, image_size)
+        options = _entry_options(entry, patch_size, zero_init_residual)
+        return entry.build(entry.timm_name, num_classes, in_chans, image_size, **options)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
 def describe_adaptation(name: str, image_size: int, patch_size: int | None = None,
                         zero_init_residual: bool = False) -> str:
+    """What the entry changes for this image size (recorded in every record)."""
     entry = MODELS.get(name)
     if entry is None:
         return f"timm {name}, unmodified"
-    if name in RESNETS:
-        init = ", zero-init residual BN" if zero_init_residual else ", torchvision init"
-        stem = "stock stem" if image_size > SMALL_IMAGE_MAX else "3x3 stride-1 stem, no max-pool"
-        return f"{entry.timm_name}, {stem}{init}"
-    if name == "deit_tiny":
-        return f"{entry.timm_name}, img_size {image_size}, patch {patch_size or deit_patch_size(image_size)}"
-    if image_size > SMALL_IMAGE_MAX:
-        return f"{entry.timm_name}, stock stem"
-    if name == "mobilenetv2":
-        stages = mobilenetv2_stride1_stages(image_size)
-        return f"{entry.timm_name}, stride-1 stem" + (f", stride-1 stages {stages}" if stages else "")
-    return f"{entry.timm_name}, 3x3 stride-1 stem, no max-pool"
+    return entry.describe(entry.timm_name, image_size, **_entry_options(entry, patch_size, zero_init_residual))
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

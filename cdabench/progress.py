@@ -1,15 +1,19 @@
-"""Progress for long stages: rich bars on a terminal, plain lines otherwise (CI logs)."""
+"""Progress for long stages: rich bars on a terminal, plain lines otherwise (CI logs). Listeners
+(`listen`) see every advance of every bar: a dashboard, a log, or a test that interrupts a run
+after N units of work, as Ctrl-C would."""
 from __future__ import annotations
 
 import sys
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
 _quiet = False
+_listeners: list[Callable[[Bar], None]] = []
 
 
 def set_quiet(quiet: bool) -> None:
@@ -17,16 +21,30 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-class _PlainTask:
-    """Prints a line at most every `every` seconds and at the end: readable in a CI log."""
+class Bar:
+    """One stage's progress: `done` of `total` units (cells, recover steps, batches)."""
 
-    def __init__(self, description: str, total: int, every: float = 10.0):
-        self.description, self.total, self.every = description, total, every
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
-        self.info = ""
+    def __init__(self, description: str, total: int):
+        self.description, self.total, self.done = description, total, 0
 
     def advance(self, n: int = 1, info: str = "") -> None:
         self.done += n
+        self._show(n, info)
+        for listener in list(_listeners):
+            listener(self)
+
+    def _show(self, n: int, info: str) -> None:
+        raise NotImplementedError
+
+
+class _PlainBar(Bar):
+    """Prints a line at most every `every` seconds and at the end: readable in a CI log."""
+
+    def __init__(self, description: str, total: int, every: float = 10.0):
+        super().__init__(description, total)
+        self.every, self.start, self.last, self.info = every, time.monotonic(), 0.0, ""
+
+    def _show(self, n: int, info: str) -> None:
         self.info = info or self.info
         now = time.monotonic()
         if not _quiet and (now - self.last >= self.every or self.done >= self.total):
@@ -35,11 +53,12 @@ class _PlainTask:
                   file=sys.stderr, flush=True)
 
 
-class _RichTask:
+class _RichBar(Bar):
     def __init__(self, progress: Progress, description: str, total: int):
+        super().__init__(description, total)
         self.progress, self.task = progress, progress.add_task(description, total=total, info="")
 
-    def advance(self, n: int = 1, info: str = "") -> None:
+    def _show(self, n: int, info: str) -> None:
         self.progress.update(self.task, advance=n, info=info)
 
 
@@ -47,12 +66,23 @@ class _RichTask:
 def track(description: str, total: int):
     """`with track("recover", n) as bar: bar.advance(info="loss 1.2")`."""
     if _quiet or not console.is_terminal:
-        yield _PlainTask(description, total)
+        yield _PlainBar(description, total)
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console, transient=True) as progress:
-        yield _RichTask(progress, description, total)
+        yield _RichBar(progress, description, total)
+
+
+@contextmanager
+def listen(listener: Callable[[Bar], None]):
+    """Call `listener(bar)` after every advance of every bar (in any thread) inside the block;
+    an exception it raises propagates from that `advance`, stopping the stage there."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 def log(message: str) -> None:

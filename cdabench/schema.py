@@ -299,7 +299,7 @@ class Suite:
 
 # ---------------------------------------------------------------- continual suites (docs/continual.md)
 CONTINUAL_PROTOCOLS = ("retrain", "sequential")
-SEQUENTIAL_STRATEGIES = ("naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace")  # continual/sequential.py
+SEQUENTIAL_STRATEGIES = ("naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace")  # = continual/strategies.py's registry (tested)
 
 
 @dataclass(frozen=True)

@@ -128,14 +128,12 @@ def rank_record_files(out: Path) -> list[Path]:
 
 
 def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str = "auto",
-              cache: str | None = None, command: str = "", stop_after: int | None = None,
-              workers: int = 1, precision: str | None = None,
+              cache: str | None = None, command: str = "", workers: int = 1, precision: str | None = None,
               holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). The shared stages
     (teacher, every distilled set) run first; then the post-train cells, here or in `workers`
     processes (cdabench/cellpool.py). `holdout`: the command line's (--holdout-per-class,
-    --holdout-fraction). `stop_after` stops after that many newly evaluated cells (per process;
-    tests of resuming).
+    --holdout-fraction).
 
     Under torchrun every rank runs this function: the teacher is trained data-parallel, the recover shards
     of each synthetic set are dealt across the ranks, the selection baselines' sets are dealt
@@ -200,8 +198,6 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
         mine_path = rank_records_path(out, group.rank)
     else:
         mine, mine_path = jobs, records_path
-    if stop_after is not None:
-        mine = mine[:stop_after]
     label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "")
     with progress.track(label, len(mine) if group.world > 1 else len(cells)) as bar:
         if group.world == 1:
@@ -211,16 +207,16 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             # Longest first (by optimiser steps), so no worker is left alone with a long cell at the end.
             mine = sorted(mine, key=lambda job: -job["steps"])
             for job, record in evaluate_cells(mine, worker_devices(ctx.device, workers, group.world), threads,
-                                              ctx.task, data_root, cache, out / "cells"):
+                                              ctx.task, data_root, cache):
                 done[job["extra"]["cell_key"]] = records.append_record(mine_path, record)
                 progress.log(f"{job['extra']['cell']}: top-1 {record['top1']:.2f}% "
                              f"({record['seconds']['posttrain']:.1f}s)")
                 bar.advance(1, job["extra"]["cell"])
         else:
             for job in mine:
-                done[job["extra"]["cell_key"]] = evaluate(
-                    solo, job["folder"], job["student"], job["labels"], job["seed"], mine_path.parent,
-                    command=command, teacher=teacher, extra=job["extra"])
+                record = evaluate(solo, job["folder"], job["student"], job["labels"], job["seed"], command=command,
+                                  teacher=teacher, extra=job["extra"])
+                done[job["extra"]["cell_key"]] = records.append_record(mine_path, record)
                 bar.advance(1, job["extra"]["cell"])
     if group.world > 1:
         group.barrier()
@@ -228,7 +224,5 @@ def run_suite(suite: Suite, out: Path, data_root: str | None = None, device: str
             records.merge_records(records_path, rank_record_files(out), order=[p[2] for p in plan])
         group.barrier()
         done = {r.get("cell_key"): r for r in records.read_records(records_path)} if records_path.exists() else {}
-    if stop_after is not None and any(p[2] not in done for p in plan):
-        raise KeyboardInterrupt(f"stopped after {stop_after} cell(s) as asked")
     progress.log(f"suite {suite.name}: {len(cells)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
     return [done[p[2]] for p in plan]

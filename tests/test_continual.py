@@ -24,7 +24,10 @@ from cdabench.continual.memory import first_per_class, load_memory
 from cdabench.continual.retrain import kd_source, run_retrain
 from cdabench.continual.runner import (ContinualSuite, expand, load_continual_suite, run_continual, validate)
 from cdabench.continual.scenario import build_scenario, class_order, scenario_for, split_steps
-from cdabench.continual.sequential import STRATEGIES, SequentialSettings, check_strategy, run_sequential
+from cdabench.continual import avalanche_env
+from cdabench.continual.sequential import SequentialSettings, run_sequential
+from cdabench.continual.strategies import (check_strategy, create_strategy, list_strategies, memory_kind,
+                                           register_strategy)
 from cdabench.data import DataError
 from cdabench.distill.context import open_context
 from cdabench.distill.labels import HardLabels
@@ -32,8 +35,9 @@ from cdabench.distill.train import ImageBank, evaluate_model, train_model
 from cdabench.leaderboard import generate
 from cdabench.models import create_model
 from cdabench.published import read_continual
-from cdabench.schema import AugmentSpec, TrainRecipe
+from cdabench.schema import SEQUENTIAL_STRATEGIES, AugmentSpec, TrainRecipe
 from tests.fixtures import make_tiny_imagenet
+from tests.interrupt import interrupt_at
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +210,7 @@ def test_masking_removes_unseen_class_knowledge(digits, small):
 
 
 # ----------------------------------------------------------------- strategies
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", list_strategies())
 def test_every_strategy_runs_and_learns_the_first_experience(strategy, digits, small, tmp_path):
     memory = ImageBank(small.train.images[::5], small.train.labels[::5])      # 4 images per class
     settings = SequentialSettings(epochs=6, batch_size=16, lr=0.003)
@@ -219,6 +223,30 @@ def test_every_strategy_runs_and_learns_the_first_experience(strategy, digits, s
     assert outcome.top1[0][0] > 60, outcome.top1
     result = metrics.summarise(outcome.top1, outcome.top5, small.test_counts())
     assert 0 <= result.final_accuracy <= 100
+
+
+def test_the_strategy_registry_refuses_a_second_entry_of_a_name():
+    before = list_strategies()
+    with pytest.raises(ValueError, match=r"strategy 'naive' is already registered \(fine-tuning.*pick another name"):
+        register_strategy("naive", "none", "another naive")(lambda av, common, settings, memory: None)
+    with pytest.raises(ValueError, match="memory must be one of source, own-buffer, none"):
+        register_strategy("mine", "buffer", "a strategy with an unknown memory kind")
+    assert list_strategies() == before
+    # The default continual suite runs every registered strategy, in registration order.
+    assert list_strategies() == list(SEQUENTIAL_STRATEGIES)
+    assert {s: memory_kind(s) for s in before} == {"naive": "none", "replay": "source", "gdumb": "own-buffer",
+                                                   "lwf": "none", "ewc": "none", "der": "own-buffer",
+                                                   "er_ace": "own-buffer"}
+
+
+def test_a_strategy_without_the_memory_it_needs_is_refused(digits, tmp_path):
+    av = avalanche_env.load(tmp_path / "cache")
+    settings = SequentialSettings()
+    with pytest.raises(ConfigError, match="strategy replay needs a memory source"):
+        create_strategy(av, "replay", create_model(STUDENT, 10, 1, 8), settings, digits.device)
+    for name in ("gdumb", "der", "er_ace"):
+        with pytest.raises(ConfigError, match=f"strategy {name} needs mem_size >= 1"):
+            create_strategy(av, name, create_model(STUDENT, 10, 1, 8), settings, digits.device, mem_size=0)
 
 
 def test_unknown_and_excluded_strategies_are_refused():
@@ -325,9 +353,10 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
     suite_path = tmp_path / "tiny-continual.toml"
     suite_path.write_text(TINY_SUITE.format(task=tmp_path / "tiny.toml"))
     out = tmp_path / "run"
-    # Killed after two cells, then resumed by the command line.
-    with pytest.raises(KeyboardInterrupt):
-        run_continual(load_continual_suite(str(suite_path)), out, device="cpu", stop_after=2)
+    # Killed once two cells are recorded, then resumed by the command line.
+    suite = load_continual_suite(str(suite_path))
+    with pytest.raises(KeyboardInterrupt), interrupt_at(f"suite {suite.name}", 2):
+        run_continual(suite, out, device="cpu")
     assert len(records.read_records(out / "records.jsonl")) == 2
     assert main(["run", "--suite", str(suite_path), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     rows = records.read_records(out / "records.jsonl")
@@ -347,7 +376,7 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
     assert retrain[("cda", True)]["label_protocol"] == "online-kd-masked"
     assert retrain[("cda", False)]["label_protocol"] == "online-kd-unmasked"
     sequential = {(r["strategy"], r["memory"]) for r in rows if r["protocol"] == "sequential"}
-    assert {s for s, _ in sequential} == set(STRATEGIES)
+    assert {s for s, _ in sequential} == set(list_strategies())
     # Equal memory: every source holds ipc images of every class; bytes are recorded per source.
     with_memory = [r for r in rows if r["memory"] in ("random", "herding", "cda", "sre2l")]
     assert {r["num_images"] for r in with_memory} == {3 * 10}

@@ -4,14 +4,21 @@ patches give the feature maps the docs promise, and the fused optimiser does the
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from cdabench.config import ConfigError, load_task
+from cdabench.config import ConfigError, load_method, load_task
 from cdabench.distill.train import make_optimizer
-from cdabench.models import create_model, describe_adaptation, mobilenetv2_stride1_stages
+from cdabench.models import MODELS, create_model, describe_adaptation, mobilenetv2_stride1_stages, register_model
 from cdabench.schema import TrainRecipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 TASK = """\
 dataset = "digits"
@@ -155,3 +162,37 @@ def test_fused_sgd_step_equals_the_formula():
     lin.weight.grad = torch.tensor([[1.0]])
     opt.step()  # buf = 0.9 * 1.2 + (1 + 0.1 * 1.4) = 2.22
     assert lin.weight.item() == pytest.approx(1.4 - 0.5 * 2.22)
+
+
+def test_the_model_registry_refuses_a_second_entry_of_a_name():
+    entry = MODELS["resnet18"]
+    with pytest.raises(ValueError, match=r"model 'resnet18' is already registered \(timm ResNet.*pick another name"):
+        register_model("resnet18", "resnet34", "another resnet18", lambda timm_name, size: timm_name)(lambda *args: None)
+    assert MODELS["resnet18"] is entry
+
+
+def test_a_method_file_that_takes_a_packaged_name_is_refused(tmp_path):
+    """Records name their method: a user's file may not reuse a packaged method's name."""
+    select = 'kind = "select"\nstrategy = "random"\n'
+    (tmp_path / "random.toml").write_text(select)
+    with pytest.raises(ConfigError, match=r"random.toml declares method 'random', the name of the packaged method"):
+        load_method(str(tmp_path / "random.toml"))
+    (tmp_path / "mine.toml").write_text('name = "cda"\n' + select)
+    with pytest.raises(ConfigError, match=r"declares method 'cda', the name of the packaged method in .*CDA"):
+        load_method(str(tmp_path / "mine.toml"))
+    (tmp_path / "my-random.toml").write_text(select)
+    assert load_method(str(tmp_path / "my-random.toml")).name == "my-random"
+    packaged_random = load_method("random")
+    assert load_method(packaged_random.path) == packaged_random     # the packaged file by its path is itself
+
+
+def test_two_packaged_methods_of_one_name_are_refused(tmp_path):
+    """A baseline file named like the built-in CDA, shipped in a copy of the package."""
+    shutil.copytree(REPO / "cdabench", tmp_path / "cdabench", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "cdabench" / "builtin" / "baselines" / "cda.toml").write_text('kind = "select"\nstrategy = "random"\n')
+    code = "from cdabench import config; print(config.list_methods())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "two methods are named 'cda': cdabench/config.py (CDA) and " in done.stderr
+    assert "builtin/baselines/cda.toml; rename one" in done.stderr

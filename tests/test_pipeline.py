@@ -216,7 +216,7 @@ def test_unknown_student_is_refused_before_relabel(tiny_task, private_cache, dis
     task = dataclasses.replace(tiny_task, posttrain=dataclasses.replace(tiny_task.posttrain, kd=kd))
     ctx = open_context(task, None, "cpu", private_cache)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
-        evaluate(ctx, distilled("random"), "nope", "soft", 0, tmp_path / "records")
+        evaluate(ctx, distilled("random"), "nope", "soft", 0)
     assert not (private_cache / "labels").exists(), "a label store was built for a student that does not exist"
 
 
@@ -334,13 +334,16 @@ def _check_record(record: dict, manifest: dict, teacher_hash: str) -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_appends_records_online_and_stored(tiny_task, private_cache, distilled, tiny_teacher, tmp_path):
+def test_evaluate_returns_records_online_and_stored(tiny_task, private_cache, distilled, tiny_teacher, tmp_path):
+    """evaluate() returns its record and writes none; the caller appends it (the CLI, the suites)."""
     out = tmp_path / "records"
     data = distilled("cda")
     manifest = artifacts.read_json(data / "manifest.json")
 
     online_ctx = open_context(tiny_task, None, "cpu", private_cache)
-    online = evaluate(online_ctx, data, "resnet18", "soft", 0, out)
+    online = evaluate(online_ctx, data, "resnet18", "soft", 0)
+    assert "record_hash" not in online and not list(data.rglob("records.jsonl"))
+    online = records.append_record(out / "records.jsonl", online)
     _check_record(online, manifest, tiny_teacher.hash)
     assert online["label_protocol"] == "online-kd" and online["label_bytes"] == 0
     assert online["hashes"]["labels"] is None
@@ -350,7 +353,7 @@ def test_evaluate_appends_records_online_and_stored(tiny_task, private_cache, di
     kd = dataclasses.replace(tiny_task.posttrain.kd, mode="stored")
     stored_ctx = open_context(dataclasses.replace(tiny_task, posttrain=dataclasses.replace(tiny_task.posttrain, kd=kd)),
                               None, "cpu", private_cache)
-    stored = evaluate(stored_ctx, data, "resnet18", "soft", 0, out)
+    stored = records.append_record(out / "records.jsonl", evaluate(stored_ctx, data, "resnet18", "soft", 0))
     _check_record(stored, manifest, tiny_teacher.hash)
     assert stored["label_protocol"] == "stored-kd" and stored["kd"]["mode"] == "stored"
     stores = list((private_cache / "labels").iterdir())

@@ -21,6 +21,7 @@ from cdabench.runtime import ProcessGroup, bf16_supported
 from cdabench.schema import CropSchedule
 
 from .conftest import make_tiny_bn_net
+from .interrupt import bars_seen, interrupt_at
 
 MEAN, STD = (0.5,), (0.25,)
 CPU = torch.device("cpu")
@@ -233,44 +234,57 @@ def test_bf16_recovers_on_cpu_and_records_its_precision(tmp_path):
 
 
 class _ThreadGroup(ProcessGroup):
-    """Ranks as threads of one process, with a real barrier between them."""
+    """Ranks as threads of one process, with a real barrier between them (broken, as
+    torch.distributed's would fail, when a rank does not arrive within `timeout` seconds)."""
 
     barrier_object: threading.Barrier | None = None
+    timeout: float = 120
 
     def barrier(self) -> None:
-        type(self).barrier_object.wait(timeout=120)
+        type(self).barrier_object.wait(timeout=type(self).timeout)
 
 
-def test_resumed_run_deals_unfinished_shards_across_ranks(tmp_path):
-    """4 shards, rank 0's share of a first 2-rank run finished (shards 0 and 2). Dealt after
-    skipping, each rank of the resumed run gets one of the 2 left; dealt before, rank 0 would idle
-    and rank 1 would do both."""
-    out = tmp_path / "run"
-    config = _config(batch_size=3)
-    teacher = make_tiny_bn_net(num_classes=3)
-    # Rank 0 alone of a 2-rank deal: shards 0 and 2 (of todo = all four).
-    _ThreadGroup.barrier_object = threading.Barrier(1)
-    with pytest.raises(KeyboardInterrupt):
-        run_recover(copy.deepcopy(teacher), out, group=_ThreadGroup(rank=0, world=2), stop_after=2,
-                    **_run_args(config))
-    assert sorted(p.stem for p in (out / "shards").glob("*.json")) == ["c0000_g0000", "c0000_g0002"]
-
+def _run_ranks(teacher, out, config) -> dict[int, str]:
+    """Both ranks of a 2-rank run_recover as threads: {rank: "finished" or the exception's name}."""
     _ThreadGroup.barrier_object = threading.Barrier(2)
     outcome = {}
 
     def rank(r):
         try:
-            run_recover(copy.deepcopy(teacher), out, group=_ThreadGroup(rank=r, world=2), stop_after=1,
-                        **_run_args(config))
-            outcome[r] = "finished without reaching one shard"
-        except KeyboardInterrupt:
-            outcome[r] = "did one shard"
+            run_recover(copy.deepcopy(teacher), out, group=_ThreadGroup(rank=r, world=2), **_run_args(config))
+            outcome[r] = "finished"
+        except (KeyboardInterrupt, threading.BrokenBarrierError) as exc:
+            outcome[r] = type(exc).__name__
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert outcome == {0: "did one shard", 1: "did one shard"}
+    return outcome
+
+
+def test_resumed_run_deals_unfinished_shards_across_ranks(tmp_path):
+    """4 shards; a first 2-rank run in which rank 1 is killed in its first shard while rank 0
+    finishes its share (shards 0 and 2) and then fails at the barrier that waits for rank 1.
+    Dealt after skipping, each rank of the resumed run gets one of the 2 left; dealt before,
+    rank 0 would idle and rank 1 would do both."""
+    out = tmp_path / "run"
+    config = _config(batch_size=3)
+    teacher = make_tiny_bn_net(num_classes=3)
+    _ThreadGroup.timeout = 5   # rank 0's wait for the killed rank 1
+    try:
+        with interrupt_at("recover (rank 1)", 1):
+            outcome = _run_ranks(teacher, out, config)
+    finally:
+        _ThreadGroup.timeout = 120
+    assert outcome == {0: "BrokenBarrierError", 1: "KeyboardInterrupt"}
+    assert sorted(p.stem for p in (out / "shards").glob("*.json")) == ["c0000_g0000", "c0000_g0002"]
+
+    with bars_seen() as bars:
+        outcome = _run_ranks(teacher, out, config)
+    assert outcome == {0: "finished", 1: "finished"}
+    one_shard = (config.iterations, config.iterations)          # (steps done, steps dealt) of each rank
+    assert bars == {"recover (rank 0)": one_shard, "recover (rank 1)": one_shard}
     assert sorted(p.stem for p in (out / "shards").glob("*.json")) == [f"c0000_g{g:04d}" for g in range(4)]
 
 

@@ -10,11 +10,14 @@ whose `cell_key` (everything its result depends on) is already recorded.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+import torch
 
 from cdabench import artifacts, progress, records
 from cdabench.config import (ConfigError, load_method, load_named, load_task, locate, read_toml, split_settings,
@@ -23,13 +26,13 @@ from cdabench.continual import metrics
 from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE, check_memory_name, load_memory
 from cdabench.continual.retrain import run_retrain
 from cdabench.continual.scenario import class_order, scenario_for, split_steps
-from cdabench.continual.sequential import (OWN_BUFFER_STRATEGIES, STRATEGIES, check_strategy, memory_kind,
-                                           run_sequential)
+from cdabench.continual.sequential import run_sequential
+from cdabench.continual.strategies import check_strategy, list_strategies, memory_kind, strategy_entry
 from cdabench.distill.context import check_ipc, open_context
 from cdabench.distill.pipeline import distill, student_recipe
 from cdabench.distill.squeeze import get_teacher, teacher_key
 from cdabench.models import MODELS
-from cdabench.runtime import ProcessGroup, device_description, versions
+from cdabench.runtime import ProcessGroup, device_description, strip_launcher_env, versions
 from cdabench.schema import CONTINUAL_PROTOCOLS, ContinualSuite
 from cdabench.suite import distill_key, distill_seed, rank_record_files, rank_records_path
 
@@ -97,15 +100,17 @@ def validate(suite: ContinualSuite) -> None:
         raise ConfigError(f"unknown protocol(s) {', '.join(bad) or '(none given)'}: use {', '.join(PROTOCOLS)}")
     if "sequential" in suite.protocols:
         if not suite.strategies:
-            raise ConfigError(f"the sequential protocol needs strategies: {', '.join(STRATEGIES)}")
+            raise ConfigError(f"the sequential protocol needs strategies: {', '.join(list_strategies())}")
         for strategy in suite.strategies:
             check_strategy(strategy)
     for memory in suite.memories + retrain_memories(suite):
         check_memory_name(memory)
     if "retrain" in suite.protocols and not retrain_memories(suite):
         raise ConfigError("the retrain protocol needs at least one memory source (random, herding, cda, sre2l)")
-    if "sequential" in suite.protocols and "replay" in suite.strategies and not suite.memories:
-        raise ConfigError("strategy replay needs at least one memory source (memories = [random, herding, cda, sre2l])")
+    fed = [s for s in suite.strategies if memory_kind(s) == "source"] if "sequential" in suite.protocols else []
+    if fed and not suite.memories:
+        raise ConfigError(f"strategy {fed[0]} needs at least one memory source "
+                          "(memories = [random, herding, cda, sre2l])")
     missing = [m for m in suite.unmasked if m not in retrain_memories(suite)]
     if missing:
         raise ConfigError(f"unmasked lists {', '.join(missing)}, which are not among the retrain memories "
@@ -157,10 +162,11 @@ def check_data(ctx, suite: ContinualSuite, ipc: int) -> None:
     for steps in suite.steps:
         split_steps(list(range(ctx.num_classes)), steps, f"{ctx.data.spec.name} ({ctx.task.name})")
     used = set(retrain_memories(suite) if "retrain" in suite.protocols else ())
-    if "sequential" in suite.protocols and "replay" in suite.strategies:
+    sequential = suite.strategies if "sequential" in suite.protocols else ()
+    if any(memory_kind(s) == "source" for s in sequential):
         used |= set(suite.memories)
     real = sorted(m for m in used if load_method(m).kind == "select")
-    own = [s for s in suite.strategies if s in OWN_BUFFER_STRATEGIES] if "sequential" in suite.protocols else []
+    own = [s for s in sequential if memory_kind(s) == "own-buffer"]
     if real or own:
         check_ipc(ctx, ipc)
 
@@ -182,8 +188,7 @@ def cell_key(cell: ContinualCell, dataset: str, scenario: dict, images_hash: str
 
 
 def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None, device: str = "auto",
-                  cache: str | None = None, command: str = "", stop_after: int | None = None,
-                  precision: str | None = None,
+                  cache: str | None = None, command: str = "", precision: str | None = None,
                   holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
     """Run every unfinished cell; returns the suite's records (old and new). `holdout`: the
     command line's (--holdout-per-class, --holdout-fraction). Under torchrun the teacher and the
@@ -248,7 +253,6 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
     solo = dataclasses.replace(ctx, group=ProcessGroup())  # cells run in this process alone
     mine = todo[group.rank::group.world]  # under torchrun: dealt round-robin in grid order
     mine_path = records_path if group.world == 1 else rank_records_path(out, group.rank)
-    evaluated = 0
     if group.world > 1:
         # Avalanche turns its own distributed mode on (DistributedSampler, refusing loggers off
         # rank 0) whenever a process group exists: each rank runs its cells in a plain process.
@@ -270,12 +274,9 @@ def run_continual(suite: ContinualSuite, out: Path, data_root: str | None = None
                                   teacher() if cell.protocol == "retrain" else None, eval_config, command)
             record.update({"suite": suite.name, "cell": cell.name, "cell_key": key})
             done[key] = records.append_record(mine_path, record)
-            evaluated += 1
             progress.log(f"{cell.name}: final top-1 {record['final_accuracy']:.2f}%, forgetting "
                          f"{record['forgetting']:.2f}, BWT {record['bwt']:+.2f}")
             bar.advance(1, cell.name)
-            if stop_after is not None and evaluated >= stop_after and group.world == 1:
-                raise KeyboardInterrupt(f"stopped after {evaluated} cell(s) as asked")
     if group.world > 1:
         group.barrier()
         if group.is_main:
@@ -290,11 +291,6 @@ _WORKER: dict = {}
 
 
 def _init_cell_worker(task, data_root, device: str, cache, precision: str, threads: int) -> None:
-    import torch
-
-    from cdabench import progress
-    from cdabench.distill.context import open_context
-    from cdabench.runtime import strip_launcher_env
     strip_launcher_env()  # a plain process: no process group, so Avalanche stays single-process
     torch.set_num_threads(threads)
     progress.set_quiet(True)
@@ -302,9 +298,6 @@ def _init_cell_worker(task, data_root, device: str, cache, precision: str, threa
 
 
 def _cell_in_worker(suite, cell, mem_folder, mem_size: int, eval_config: dict, command: str, ipc: int) -> dict:
-    from cdabench.continual.memory import load_memory
-    from cdabench.continual.scenario import scenario_for
-    from cdabench.distill.squeeze import get_teacher
     ctx = _WORKER["ctx"]
     if cell.protocol == "retrain" and _WORKER["teacher"] is None:
         _WORKER["teacher"] = get_teacher(ctx)  # the suite's, from the cache
@@ -317,10 +310,6 @@ def _cell_in_worker(suite, cell, mem_folder, mem_size: int, eval_config: dict, c
 def _cells_apart(task, data_root, device: str, cache, precision: str, ipc: int, suite, command: str, jobs):
     """Yield the records of `jobs` ((plan entry, memory folder) pairs), run one after another in
     one spawned process without torchrun's environment."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=_init_cell_worker,
                              initargs=(task, data_root, device, cache, precision, torch.get_num_threads())) as pool:
@@ -356,7 +345,7 @@ def run_cell(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem, mem_size:
             num_images = mem_size
             image_bytes = mem_size * ctx.shape[0] * ctx.image_size * ctx.image_size   # raw uint8 pixels
         label_bytes = num_images * LABEL_BYTES_PER_IMAGE
-        if cell.strategy == "der":   # DER also stores the logits of every buffered image (float32)
+        if strategy_entry(cell.strategy).stores_logits:   # DER: the logits of every buffered image (float32)
             label_bytes += num_images * ctx.num_classes * 4
     result = metrics.summarise(outcome.top1, outcome.top5, sc.test_counts())
     seconds = dict(mem.manifest.get("seconds", {})) if mem else {}

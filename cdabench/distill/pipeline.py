@@ -1,6 +1,7 @@
 """The two user-facing jobs: `distill` (squeeze -> recover, or a selection baseline) and
-`evaluate` (relabel -> post-train -> one record). Both write only atomically, and both reuse
-whatever finished work they find (teacher cache, recover shards, label stores)."""
+`evaluate` (relabel -> post-train -> one record, returned: the CLI and the suite harness append
+it to records.jsonl). Both write their caches only atomically, and both reuse whatever finished
+work they find (teacher cache, recover shards, label stores)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdabench import artifacts, progress, records
+from cdabench import artifacts, progress
 from cdabench.config import ConfigError, load_method, recover_config, split_settings
 from cdabench.data import DataError, load_imagefolder
 from cdabench.distill.context import Context, check_ipc, eval_transform
@@ -45,8 +46,7 @@ def _check_same_run(path: Path, config: dict) -> None:
 
 
 def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str | Path,
-            teacher_path: str | None = None, command: str = "", stop_after: int | None = None,
-            teacher: Teacher | None = None) -> dict:
+            teacher_path: str | None = None, command: str = "", teacher: Teacher | None = None) -> dict:
     """`teacher`: one already loaded and guarded (a suite passes its own, so it is not reloaded
     and re-checked for every set)."""
     method = load_method(method_name)
@@ -80,7 +80,7 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
     selection = None
     if synthetic:
         markers = run_recover(teacher.model, out, folders, ipc, rconfig, seed, ctx.shape, ctx.mean, ctx.std,
-                              ctx.device, ctx.group, stop_after=stop_after)
+                              ctx.device, ctx.group)
         files = {rel: digest for m in markers.values() for rel, digest in m["files"].items()}
         stage_seconds = sum(m["seconds"] for m in markers.values())
     elif full:
@@ -225,11 +225,13 @@ def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | Non
             "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
 
 
-def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int, out: str | Path,
+def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
              extra: dict | None = None, teacher: Teacher | None = None,
              allow_label_mismatch: bool = False) -> dict:
-    """Train a fresh `student` on the distilled set only; record the last epoch's test accuracy.
+    """Train a fresh `student` on the distilled set only; return its record (the last epoch's test
+    accuracy and everything the result depends on), on every rank; the caller appends it
+    (records.append_record) where it keeps its records.
     `teacher`: one already loaded and guarded (see `distill`). A folder without our manifest must
     pass the label-agreement guard (squeeze.label_agreement_guard) unless `allow_label_mismatch`."""
     if labels not in ("soft", "hard"):
@@ -255,7 +257,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
                          description=f"post-train {student} ({manifest.get('method')}, {labels})",
                          precision=ctx.precision, group=ctx.group)
-    if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and writes the one record
+    if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and builds the one record
         return ctx.group.broadcast(None)
     test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
     heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
@@ -284,7 +286,6 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         "adaptation": ctx.adaptation(recipe), "final_loss": result.history[-1]["loss"],
         "command": command, **(extra or {}),
     }
-    record = records.append_record(Path(out) / "records.jsonl", record)
     progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
                  f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")
     return ctx.group.broadcast(record)

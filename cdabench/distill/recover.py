@@ -368,11 +368,11 @@ def reproducibility(device: torch.device, per_forward: int) -> str:
 
 def run_recover(teacher: nn.Module, out: Path, class_folders: list[str], ipc: int, config: RecoverConfig,
                 seed: int, shape: tuple[int, int, int], mean, std, device: torch.device,
-                group: ProcessGroup = ProcessGroup(), stop_after: int | None = None) -> dict:
+                group: ProcessGroup = ProcessGroup()) -> dict:
     """Recover every shard not yet finished under `out` (this rank's share of them).
     Images go to out/images/<class folder>/ipcNNNN.png, one marker per finished shard to
     out/shards/<name>.json (written last, atomically). Returns {shard name: marker} for all shards
-    when every rank is done. `stop_after` stops after that many shards (tests of resuming)."""
+    when every rank is done."""
     freeze(teacher)
     shards = plan_shards(len(class_folders), ipc, config.batch_size)
     # Deal the unfinished shards, so a resumed run balances what is left across ranks. Every rank
@@ -384,7 +384,6 @@ def run_recover(teacher: nn.Module, out: Path, class_folders: list[str], ipc: in
     per_forward = (resolve_shards_per_forward(teacher, config, len(mine[0].labels), shape, device)
                    if mine else 1)
     precision = config.precision or "fp32"
-    done_here = 0
     with ImageWriter() as writer, progress.track(
             f"recover (rank {group.rank})" if group.world > 1 else "recover", len(mine) * config.iterations) as bar:
         for batch in group_shards(mine, per_forward):
@@ -402,9 +401,5 @@ def run_recover(teacher: nn.Module, out: Path, class_folders: list[str], ipc: in
                           "precision": precision, "shards_per_forward": len(batch), "device": device.type,
                           "reproducible": reproducibility(device, len(batch))}
                 writer.submit(write_shard, out, shard, images, class_folders, config.image_format, marker)
-                done_here += 1
-                if stop_after is not None and done_here >= stop_after:
-                    writer.wait()
-                    raise KeyboardInterrupt(f"stopped after {done_here} shard(s) as asked")
     group.barrier()
     return {s.name: artifacts.read_json(out / "shards" / f"{s.name}.json") for s in shards}
