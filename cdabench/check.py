@@ -2,7 +2,8 @@
 unless a target says otherwise.
 
 targets.csv: task, method, ipc ('full' for the full data), student, labels, target_top1, tolerance,
-and optionally sides (1 or 2; 1 when the column is absent). A cell regresses when its mean top-1
+and optionally sides (1 or 2; 1 when the column is absent) and metric (the record field compared:
+top1 when absent; e.g. label_agreement, the teacher's agreement with a distilled set's labels). A cell regresses when its mean top-1
 over the records' seeds is below target_top1 - tolerance; a two-sided target also fails as
 changed when the mean is above target_top1 + tolerance. A target with no record is missing.
 All three fail the check. Tolerances are at most MAX_TOLERANCE points (write_targets refuses
@@ -24,7 +25,7 @@ from pathlib import Path
 from cdabench import packaged, stats
 
 FIELDS = ("task", "method", "ipc", "student", "labels", "target_top1", "tolerance")
-OPTIONAL_FIELDS = ("sides",)
+OPTIONAL_FIELDS = ("sides", "metric")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Target:
     target_top1: float
     tolerance: float
     sides: int = 1       # 1: only worse fails; 2: a move either way beyond the tolerance fails
+    metric: str = "top1"  # the record field compared (target_top1 then holds its target value)
 
     def __post_init__(self):
         if self.sides not in (1, 2):
@@ -44,7 +46,7 @@ class Target:
 
     @property
     def key(self) -> tuple:
-        return (self.task, self.method, self.ipc, self.student, self.labels)
+        return (self.task, self.method, self.ipc, self.student, self.labels, self.metric)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def read_targets(path: Path | Traversable | str | None = None) -> list[Target]:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(FIELDS)}")
         return [Target(row["task"], row["method"], None if row["ipc"] == "full" else int(row["ipc"]),
                        row["student"], row["labels"], float(row["target_top1"]), float(row["tolerance"]),
-                       int(row.get("sides") or 1))
+                       int(row.get("sides") or 1), row.get("metric") or "top1")
                 for row in reader]
 
 
@@ -89,7 +91,9 @@ def _cross_arch(records: list[dict]) -> list[dict]:
 def compare(records: list[dict], targets: list[Target]) -> list[CellStatus]:
     measured = defaultdict(list)
     for r in _cross_arch(records):
-        measured[(r["task"], r["method"], r["ipc"], r["student"], r["labels"])].append(r["top1"])
+        for metric in {t.metric for t in targets}:
+            if r.get(metric) is not None:
+                measured[(r["task"], r["method"], r["ipc"], r["student"], r["labels"], metric)].append(r[metric])
     out = []
     for t in targets:
         values = measured.get(t.key, [])
@@ -112,33 +116,36 @@ MAX_TOLERANCE = 5.0  # points: a looser target would let a real regression pass
 
 def write_targets(path: Path, records: list[dict], spread_records: list[dict] | None = None,
                   k: float = 3.0, floor: float = 1.0, max_tolerance: float = MAX_TOLERANCE,
-                  two_sided: tuple[str, ...] = ()) -> list[Target]:
+                  two_sided: tuple[str, ...] = (), metrics: tuple[str, ...] = ("top1",)) -> list[Target]:
     """Targets from measured records: per cell, target = the mean over the records' seeds (the
     number the check will compare) and tolerance = max(floor, k x s / sqrt(n)), s the seed-to-seed
     standard deviation measured in `spread_records` (or in `records`), n the seeds the check averages:
     k standard errors of that mean. A cell whose tolerance would exceed `max_tolerance` is refused,
     naming it: it is too unstable across seeds to catch a regression (run more seeds, or train it
-    to convergence). Targets of the methods in `two_sided` get sides = 2."""
+    to convergence). Targets of the methods in `two_sided` get sides = 2. `metrics`: the record
+    fields to target (each cell gets one target per field its records carry)."""
     cells, spread = defaultdict(list), defaultdict(list)
-    for r in _cross_arch(records):
-        cells[(r["task"], r["method"], r["ipc"], r["student"], r["labels"])].append(r["top1"])
-    for r in _cross_arch(spread_records or records):
-        spread[(r["task"], r["method"], r["ipc"], r["student"], r["labels"])].append(r["top1"])
-    targets = [Target(*key, round(stats.mean(v), 2),
+    for source, into in ((records, cells), (spread_records or records, spread)):
+        for r in _cross_arch(source):
+            for metric in metrics:
+                if r.get(metric) is not None:
+                    into[(r["task"], r["method"], r["ipc"], r["student"], r["labels"], metric)].append(r[metric])
+    targets = [Target(*key[:5], round(stats.mean(v), 2),
                       round(max(floor, k * stats.std(spread.get(key, v)) / math.sqrt(len(v))), 2),
-                      2 if key[1] in two_sided else 1)
+                      2 if key[1] in two_sided else 1, key[5])
                for key, v in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0]))]
     loose = [t for t in targets if t.tolerance > max_tolerance]
     if loose:
         raise ValueError("too unstable for a regression target (tolerance > "
                          f"{max_tolerance:g} points): " + "; ".join(
-                             f"{t.method} {'full' if t.ipc is None else f'ipc{t.ipc}'} {t.student} {t.labels} "
-                             f"(tolerance {t.tolerance:.2f})" for t in loose)
+                             f"{t.method} {'full' if t.ipc is None else f'ipc{t.ipc}'} {t.student} {t.labels}"
+                             f"{'' if t.metric == 'top1' else ' ' + t.metric} (tolerance {t.tolerance:.2f})"
+                             for t in loose)
                          + ". Average more seeds in the suite, or train the cell longer")
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(FIELDS + OPTIONAL_FIELDS)
         for t in targets:
             writer.writerow([t.task, t.method, "full" if t.ipc is None else t.ipc, t.student, t.labels,
-                             f"{t.target_top1:.2f}", f"{t.tolerance:.2f}", t.sides])
+                             f"{t.target_top1:.2f}", f"{t.tolerance:.2f}", t.sides, t.metric])
     return targets

@@ -173,7 +173,7 @@ def _run_or_check(args, command: str) -> int:
         t = s.target
         measured = "missing" if s.measured is None else f"{s.measured:.2f}"
         print(f"{s.status.upper():9} {t.task} {t.method} {'full' if t.ipc is None else f'ipc{t.ipc}'} {t.student} "
-              f"{t.labels}: {measured} vs target {t.target_top1:.2f} {'±' if t.sides == 2 else '-'} {t.tolerance:.2f}")
+              f"{t.labels}{'' if t.metric == 'top1' else ' ' + t.metric}: {measured} vs target {t.target_top1:.2f} {'±' if t.sides == 2 else '-'} {t.tolerance:.2f}")
     failed = sum(s.failed for s in statuses)
     print(f"{len(statuses) - failed} passed, {failed} failed")
     return 1 if failed else 0

@@ -182,3 +182,21 @@ def test_a_target_looser_than_five_points_is_refused(tmp_path):
                                          r"sre2l ipc10 resnet18 soft \(tolerance 12.00\)"):
         write_targets(tmp_path / "t.csv", rows)
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_a_target_on_another_record_field_catches_a_changed_distilled_set(tmp_path):
+    """label_agreement (the teacher's agreement with a distilled set's labels) is a property of the
+    set itself: CDA's crop-trained images score 88-97 % on digits, images recovered without crops 100 %."""
+    rows = []
+    for seed, agreement in enumerate((91.0, 97.0, 95.0, 96.0)):
+        rows.append(make_record("cda", 10, "resnet18", seed, 70.0 + seed) | {"label_agreement": agreement})
+    targets = write_targets(tmp_path / "t.csv", rows, two_sided=("cda",), metrics=("top1", "label_agreement"))
+    agreement = next(t for t in targets if t.metric == "label_agreement")
+    # mean 94.75; s = 2.63; 3 x s / sqrt(4) = 3.94
+    assert (agreement.target_top1, agreement.tolerance, agreement.sides) == (94.75, 3.94, 2)
+    assert read_targets(tmp_path / "t.csv") == targets
+    no_crop = [make_record("cda", 10, "resnet18", seed, 70.0 + seed) | {"label_agreement": 100.0} for seed in range(4)]
+    status = {s.target.metric: s.status for s in compare(no_crop, targets)}
+    assert status == {"top1": "ok", "label_agreement": "changed"}
+    unrecorded = compare([r | {"label_agreement": None} for r in no_crop], targets)
+    assert [s.status for s in unrecorded if s.target.metric == "label_agreement"] == ["missing"]
