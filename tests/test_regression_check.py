@@ -1,0 +1,79 @@
+"""The smoke regression check catches real breakages.
+
+Each breakage is injected the way a bug would arrive: the packaged smoke task with one setting
+changed. The smoke cells it touches run on the smoke suite's first four seeds and are compared
+with the committed targets (cdabench/builtin/leaderboards/targets.csv): the check must turn red,
+on the target that names the breakage. What each one moves (docs/suites.md has the numbers):
+
+- CDA's crop curriculum replaced by no crop: the CDA images are no longer optimised on crops, so
+  the teacher agrees with all of their labels (100 % against 88-97 %): the two-sided
+  label_agreement target of the CDA cell fails as `changed` (top-1 moves by only ~3 points here);
+- the BN loss weight set to 0: the CDA images lose the BN statistics; top-1 drops ~12 points;
+- the KD temperature 4 -> 1: random real images under soft labels drop ~2.5 points, far outside
+  that very stable cell's 1-point tolerance.
+
+The teacher comes from the cache folder CI's smoke check fills just before the tests
+(`.cache/cdabench`; content-addressed, so reusing it is safe); without it, it is trained once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdabench import packaged
+from cdabench.check import compare, read_targets
+from cdabench.suite import load_suite, run_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "cdabench"
+SMOKE_TASK = packaged.builtin("tasks", "digits-smoke.toml").read_text()
+SEEDS = [0, 1, 2, 3]
+
+# name: (edits of the task text, methods to run, the (method, metric, status) the check must report)
+BREAKAGES = {
+    "cda-curriculum-replaced-by-no-crop": ([("[recover.cda]\n", '[recover.cda]\ncrop = { kind = "none" }\n')],
+                                           ["cda"], ("cda", "label_agreement", "changed")),
+    "bn-loss-weight-zero": ([("r_bn = 0.01", "r_bn = 0.0")], ["cda"], ("cda", "top1", "regressed")),
+    "kd-temperature-changed": ([("temperature = 4.0", "temperature = 1.0")], ["random"],
+                               ("random", "top1", "regressed")),
+}
+
+
+def broken_task(folder: Path, edits: list[tuple[str, str]]) -> Path:
+    """The smoke task with each `old` text replaced by `new` (each must occur: a renamed setting
+    must fail this test loudly, not inject nothing), saved as digits-smoke.toml (the same task name)."""
+    text = SMOKE_TASK
+    for old, new in edits:
+        assert old in text, f"the smoke task has no {old!r} any more: update this breakage"
+        text = text.replace(old, new)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "digits-smoke.toml"
+    path.write_text(text)
+    return path
+
+
+def narrowed_smoke(task: Path, methods: list[str], folder: Path) -> Path:
+    """The smoke suite on `task`, narrowed to `methods` and SEEDS."""
+    smoke = load_suite("smoke")
+    path = folder / "suite.toml"
+    path.write_text(f'task = "{task.as_posix()}"\nmethods = {methods}\nstudents = {list(smoke.students)}\n'
+                    f'labels = {list(smoke.labels)}\nseeds = {SEEDS}\n'.replace("'", '"'))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BREAKAGES))
+def test_the_smoke_check_turns_red_on_a_real_breakage(name, tmp_path):
+    edits, methods, (method, metric, expected) = BREAKAGES[name]
+    assert set(SEEDS) <= set(load_suite("smoke").seeds)
+    task = broken_task(tmp_path / "task", edits)
+    suite = load_suite(str(narrowed_smoke(task, methods, tmp_path)))
+    results = run_suite(suite, tmp_path / "run", cache=str(CACHE), workers=1)
+    targets = [t for t in read_targets() if t.task == "digits-smoke" and t.method in methods]
+    assert any(t.metric == metric and t.method == method for t in targets), \
+        f"the committed targets have no {method} {metric} target for this test to check"
+    status = {(s.target.method, s.target.metric): s for s in compare(results, targets)}
+    s = status[(method, metric)]
+    assert s.status == expected, (f"{name}: {method} {metric} measured {s.measured} against {s.target.target_top1} "
+                                  f"± {s.target.tolerance}: the check did not catch it ({s.status})")
+    assert s.seeds == len(SEEDS)
