@@ -176,14 +176,16 @@ def test_posttrain_step(benchmark):
 
 
 def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
-    """One whole cell of the smoke suite after its shared stages: post-train a ResNet-18 on an
-    IPC-10 random-real set with the smoke task's protocol (40 epochs, online KD) and score it.
+    """One whole cell of the smoke suite after its shared stages: post-train the smoke suite's
+    student on an IPC-10 random-real set with the smoke task's protocol (online KD) and score it.
     The teacher is the test session's (the smoke suite's is trained once per cache and reused)."""
     from cdabench.config import load_task
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate
+    from cdabench.suite import load_suite
 
     task = load_task("digits-smoke")
+    student = load_suite("smoke").students[0]
     ctx = open_context(task, None, "cpu", tmp_path / "cache")
     # The session teacher was trained on the same digits split (same holdout fraction and seed).
     assert (task.dataset, task.holdout_fraction, task.split_seed) == (
@@ -191,7 +193,7 @@ def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
     distill(ctx, "random", 10, 0, tmp_path / "random", teacher=tiny_teacher)
 
     def cell():
-        return evaluate(ctx, tmp_path / "random", "resnet18", "soft", 0, teacher=tiny_teacher)
+        return evaluate(ctx, tmp_path / "random", student, "soft", 0, teacher=tiny_teacher)
 
     record = benchmark.pedantic(cell, rounds=3, iterations=1)
     assert record["epochs"] == task.posttrain.recipe.epochs and record["num_images"] == 100

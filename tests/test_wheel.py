@@ -99,4 +99,4 @@ def test_an_installed_wheel_lists_and_runs_a_suite_from_an_empty_folder(tmp_path
     # `check` with no --targets reads the packaged targets (the smoke suite's cells, absent here).
     checked = _run([venv / "bin" / "cdabench", "check", "--suite", suite, "--records", "run"], empty, env)
     assert checked.returncode == 1, checked.stdout + checked.stderr
-    assert "MISSING   digits-smoke cda ipc10 resnet18 soft" in checked.stdout
+    assert "MISSING   digits-smoke cda ipc10 test_resnet soft" in checked.stdout
