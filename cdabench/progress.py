@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Callable
 
@@ -21,7 +22,7 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-class Bar:
+class Bar(ABC):
     """One stage's progress: `done` of `total` units (cells, recover steps, batches)."""
 
     def __init__(self, description: str, total: int):
@@ -33,8 +34,9 @@ class Bar:
         for listener in list(_listeners):
             listener(self)
 
+    @abstractmethod
     def _show(self, n: int, info: str) -> None:
-        raise NotImplementedError
+        """Draw the progress (a rich bar, or a plain line now and then)."""
 
 
 class _PlainBar(Bar):
