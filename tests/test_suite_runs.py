@@ -115,17 +115,19 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
     import sys
     import time
 
-    # Twelve cells: Ctrl-C after the first record must land mid-run even when this process is not
-    # scheduled for a while (two CI runs, with six cells of 40 and of 100 epochs, saw every record
-    # written before the signal arrived, although the records are written one by one).
     task = write_task(tmp_path, epochs=40)
     suite_file = tmp_path / "tiny-suite.toml"
     suite_file.write_text(f'task = "{task}"\nmethods = ["random"]\nstudents = ["resnet18"]\n'
-                          'hard_label_methods = ["random"]\nseeds = [0, 1, 2, 3, 4, 5]\n')
+                          'hard_label_methods = ["random"]\nseeds = [0, 1, 2]\n')
     out, env = tmp_path / "run", dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
     argv = [sys.executable, "-m", "cdabench.cli", "run", "--suite", str(suite_file), "--out", str(out),
             "--device", "cpu", "--workers", "2", "--quiet"]
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The run starts with Ctrl-C's default action, as a foreground command in a terminal does. A
+    # test run launched in the background (`cmd &` in a script, as CI may do) ignores SIGINT, every
+    # child inherits that, and Python then installs no KeyboardInterrupt handler: the run would
+    # finish all its cells and exit 0, which is what two such runs of this test saw.
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     records_path = out / "records.jsonl"
     deadline = time.monotonic() + 300
     while not (records_path.exists() and records_path.read_text().strip()) and time.monotonic() < deadline:
@@ -143,11 +145,11 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
     alive = [line for line in group.splitlines() if line.split()[1][0] != "Z"]  # zombies are dead, awaiting reaping
     assert alive == [], group  # no worker left running
     kept = records.read_records(records_path)
-    assert 1 <= len(kept) < 12
+    assert 1 <= len(kept) < 6
     from cdabench.suite import load_suite
     # The re-run must use the interrupted run's cache: a teacher retrained elsewhere (here at one
     # thread instead of two) has another hash, and its soft-label cells other keys.
     results = run_suite(load_suite(str(suite_file)), out, device="cpu", cache=str(tmp_path / "cache"), workers=1)
     stored = records.read_records(records_path)
-    assert len(results) == 12 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in results)
+    assert len(results) == 6 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in results)
     assert {r["record_hash"] for r in kept} <= {r["record_hash"] for r in results}   # finished cells kept as they were
