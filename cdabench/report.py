@@ -76,16 +76,15 @@ def verdict(summary: Summary, row: Row) -> str | None:
     delta = summary.delta_vs_random(row)
     if delta is None or row.method == "full":
         return None
-    labels = "soft" if row.labels == "soft" else "hard"
     if delta.low is None:
-        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({labels} labels), one seed: no interval."
+        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({row.labels} labels), one seed: no interval."
     if delta.high < 0:
         word = "loses to"
     elif delta.low > 0:
         word = "beats"
     else:
         word = "is not distinguishable from"
-    return (f"{row.label} {word} random real images under the same {labels} labels "
+    return (f"{row.label} {word} random real images under the same {row.labels} labels "
             f"({delta.mean:+.1f} points, 95 % interval [{delta.low:+.1f}, {delta.high:+.1f}]).")
 
 
