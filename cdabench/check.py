@@ -24,6 +24,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cdabench import packaged, stats
+from cdabench.records import is_continual
 
 FIELDS = ("task", "method", "ipc", "student", "labels", "target_top1", "tolerance")
 OPTIONAL_FIELDS = ("sides", "metric")
@@ -86,7 +87,7 @@ def read_targets(path: Path | Traversable | str | None = None) -> list[Target]:
 
 def _cross_arch(records: list[dict]) -> list[dict]:
     """Continual records share the schema but not the meaning of top1: never mix them in."""
-    return [r for r in records if not r.get("continual")]
+    return [r for r in records if not is_continual(r)]
 
 
 def _cell_key(record: dict, metric: str) -> tuple:

@@ -11,15 +11,15 @@ import torch
 from cdabench import config, progress, records, report
 from cdabench.check import compare, read_targets
 from cdabench.config import ConfigError
-from cdabench.continual import runner
-from cdabench.continual.report import rich_table as continual_table
+from cdabench.continual.report import rich_table as continual_tables
 from cdabench.data import DataError, list_datasets
 from cdabench.distill.context import open_context
 from cdabench.distill.pipeline import distill, evaluate
 from cdabench.leaderboard import generate
 from cdabench.models import list_models
 from cdabench.runtime import launched_world, resolve_device
-from cdabench.suite import list_suites, load_suite, narrow, run_suite
+from cdabench.harness.run import run_suite
+from cdabench.harness.suites import list_suites, load_suite, suite_kind
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -152,11 +152,11 @@ def _dispatch(args, command: str) -> int:
 
 
 def _run_or_check(args, command: str) -> int:
-    if runner.is_continual_suite(args.suite):
-        return _run_continual(args, command)
-    if args.steps or args.strategies:
-        raise ConfigError("--steps and --strategies apply to continual suites only (e.g. --suite continual)")
-    suite = narrow(load_suite(args.suite), args.task, args.ipc, args.students, args.seeds, args.methods)
+    suite = load_suite(args.suite)
+    suite = suite_kind(suite).narrow(suite, args.task, args.ipc, args.students, args.seeds, args.methods, args.steps,
+                                     args.strategies)
+    if args.command == "check" and suite.kind != "cross-arch":
+        raise ConfigError(f"{suite.kind} suites have no regression targets: use `cdabench run --suite {args.suite}`")
     out = Path(args.out or f"runs/{suite.name}")
     if args.command == "check" and args.records:
         results = records.read_records(Path(args.records) / "records.jsonl")
@@ -164,8 +164,10 @@ def _run_or_check(args, command: str) -> int:
         results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
                             workers=_workers(args.workers, args.device), precision=args.precision,
                             holdout=(args.holdout_per_class, args.holdout_fraction))
-    for summary in report.summarise(results):
-        progress.console.print(report.rich_table(summary))
+    tables = continual_tables([r for r in results if records.is_continual(r)])
+    tables += [report.rich_table(s) for s in report.summarise(results)]
+    for table in tables:
+        progress.console.print(table)
     if args.command == "run":
         return 0
     statuses = compare(results, read_targets(args.targets))
@@ -190,19 +192,6 @@ def _workers(value: str, device: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(f"--workers must be auto or a positive number, got {value!r}")
     return int(value)
-
-
-def _run_continual(args, command: str) -> int:
-    if args.command == "check":
-        raise ConfigError("continual suites have no regression targets: use `cdabench run --suite continual`")
-    suite = runner.narrow(runner.load_continual_suite(args.suite), args.task, args.ipc, args.students, args.seeds,
-                          args.methods, args.steps, args.strategies)
-    out = Path(args.out or f"runs/{suite.name}")
-    results = runner.run_continual(suite, out, args.data_root, args.device, args.cache_dir, command,
-                                   precision=args.precision, holdout=(args.holdout_per_class, args.holdout_fraction))
-    for table in continual_table(results):
-        progress.console.print(table)
-    return 0
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
     published_continual = published.read_continual()
     written = []
     for task, rows in sorted(by_task.items()):
-        cross = [r for r in rows if not r.get("continual")]
+        cross = [r for r in rows if not records.is_continual(r)]
         summaries = report.summarise(cross)
         dataset = rows[0]["dataset"]
         figures = []
@@ -129,7 +129,7 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
             from cdabench import plots as plotting  # lazily: matplotlib loads only when plots are drawn
             figures = plotting.draw_task(task, cross, summaries, out, _provenance(cross))
         # Continual records (cdabench run --suite continual) get their own section and figures.
-        continual = [r for r in rows if r.get("continual")]
+        continual = [r for r in rows if records.is_continual(r)]
         continual_figures = []
         if plots and continual:
             continual_figures = continual_report.draw(task, continual, out, _provenance(continual))

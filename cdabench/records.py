@@ -22,6 +22,12 @@ def record_id(record: dict) -> str:
     return artifacts.hash_config(body)[:16]
 
 
+def is_continual(record: dict) -> bool:
+    """Continual records (a continual suite's cells) share the schema but not the meaning of
+    `top1` (final seen-class accuracy): tables, leaderboards and checks keep them apart."""
+    return bool(record.get("continual"))
+
+
 def validate(record: dict, where: str = "record") -> dict:
     version = record.get("schema_version")
     if version != SCHEMA_VERSION:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from cdabench import stats
+from cdabench.records import is_continual
 from cdabench.models import MODELS
 
 BASELINE = "random"
@@ -93,7 +94,7 @@ def summarise(records: list[dict]) -> list[Summary]:
     groups: dict[tuple, dict[tuple, Row]] = defaultdict(dict)
     full_rows: dict[str, dict[tuple, Row]] = defaultdict(dict)
     for r in records:
-        if r.get("continual"):
+        if is_continual(r):
             continue
         target = full_rows[r["task"]] if r["ipc"] is None else groups[(r["task"], r["ipc"])]
         key = (r["method"], r["labels"])

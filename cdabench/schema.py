@@ -286,6 +286,7 @@ class Method:
 @dataclass(frozen=True)
 class Suite:
     name: str
+    kind: str = "cross-arch"
     description: str = ""
     task: str = "digits"
     methods: tuple[str, ...] = ("cda", "sre2l", "random", "herding", "full")
@@ -299,7 +300,6 @@ class Suite:
 
 # ---------------------------------------------------------------- continual suites (docs/continual.md)
 CONTINUAL_PROTOCOLS = ("retrain", "sequential")
-SEQUENTIAL_STRATEGIES = ("naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace")  # = continual/strategies.py's registry (tested)
 
 
 @dataclass(frozen=True)
@@ -336,7 +336,7 @@ class ContinualSuite:
     task: str = "digits"
     steps: tuple[int, ...] = (5,)
     protocols: tuple[str, ...] = CONTINUAL_PROTOCOLS
-    strategies: tuple[str, ...] = SEQUENTIAL_STRATEGIES
+    strategies: tuple[str, ...] | None = None   # None: every registered strategy (continual/strategies.py)
     memories: tuple[str, ...] = ("random", "herding", "cda", "sre2l")   # replay memories (and retrain's by default)
     retrain_memories: tuple[str, ...] | None = None   # None: the same as memories
     unmasked: tuple[str, ...] = ()        # retrain also runs the papers' unmasked variant for these memories

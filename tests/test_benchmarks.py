@@ -182,7 +182,7 @@ def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
     from cdabench.config import load_task
     from cdabench.distill.context import open_context
     from cdabench.distill.pipeline import distill, evaluate
-    from cdabench.suite import load_suite
+    from cdabench.harness.suites import load_suite
 
     task = load_task("digits-smoke")
     student = load_suite("smoke").students[0]

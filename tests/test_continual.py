@@ -22,7 +22,9 @@ from cdabench.config import ConfigError, load_task
 from cdabench.continual import metrics, report
 from cdabench.continual.memory import first_per_class, load_memory
 from cdabench.continual.retrain import kd_source, run_retrain
-from cdabench.continual.runner import (ContinualSuite, expand, load_continual_suite, run_continual, validate)
+from cdabench.harness.continual import expand, strategies, validate
+from cdabench.harness.run import run_suite
+from cdabench.harness.suites import load_suite
 from cdabench.continual.scenario import build_scenario, class_order, scenario_for, split_steps
 from cdabench.continual import avalanche_env
 from cdabench.continual.sequential import SequentialSettings, run_sequential
@@ -35,7 +37,7 @@ from cdabench.distill.train import ImageBank, evaluate_model, train_model
 from cdabench.leaderboard import generate
 from cdabench.models import create_model
 from cdabench.published import read_continual
-from cdabench.schema import SEQUENTIAL_STRATEGIES, AugmentSpec, TrainRecipe
+from cdabench.schema import AugmentSpec, ContinualSuite, TrainRecipe
 from tests.fixtures import make_tiny_imagenet
 from tests.interrupt import interrupt_at
 
@@ -232,8 +234,8 @@ def test_the_strategy_registry_refuses_a_second_entry_of_a_name():
     with pytest.raises(ValueError, match="memory must be one of source, own-buffer, none"):
         register_strategy("mine", "buffer", "a strategy with an unknown memory kind")
     assert list_strategies() == before
-    # The default continual suite runs every registered strategy, in registration order.
-    assert list_strategies() == list(SEQUENTIAL_STRATEGIES)
+    # A continual suite that lists no strategies runs every registered one, in registration order.
+    assert strategies(ContinualSuite(name="x")) == tuple(before)
     assert {s: memory_kind(s) for s in before} == {"naive": "none", "replay": "source", "gdumb": "own-buffer",
                                                    "lwf": "none", "ewc": "none", "der": "own-buffer",
                                                    "er_ace": "own-buffer"}
@@ -270,7 +272,7 @@ def test_memory_larger_than_the_data_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
     suite = ContinualSuite(name="x", memories=("random",), ipc=1000, strategies=("naive",))
     with pytest.raises(DataError, match="IPC 1000 is larger than class"):
-        run_continual(suite, tmp_path / "run", device="cpu")
+        run_suite(suite, tmp_path / "run", device="cpu")
     assert not (tmp_path / "cache" / "teachers").exists()       # refused before any training
     with pytest.raises(DataError, match="fewer than the memory's 4 per class"):
         first_per_class(np.array([0, 0, 0, 1, 1, 1, 1]), 4, 2, "folder x")
@@ -283,7 +285,7 @@ def test_memory_larger_than_the_data_is_refused(tmp_path, monkeypatch, capsys):
 
 
 def test_the_shipped_suite_loads_and_expands():
-    suite = load_continual_suite("continual")
+    suite = load_suite("continual")
     validate(suite)
     cells = expand(suite)
     assert {c.protocol for c in cells} == {"retrain", "sequential"}
@@ -294,12 +296,12 @@ def test_the_shipped_suite_loads_and_expands():
 def test_a_suite_file_by_path_loads_its_sequential_table_and_names_a_wrong_key(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text(TINY_SUITE.format(task="digits"))
-    suite = load_continual_suite(str(path))
+    suite = load_suite(str(path))
     assert suite.name == "mine" and suite.path == str(path)
     assert suite.sequential == SequentialSettings(epochs=1, lr=0.003)
     path.write_text(TINY_SUITE.format(task="digits") + "epoch = 2\n")
     with pytest.raises(ConfigError, match=r"mine.toml.sequential: unknown key\(s\) epoch; known keys: .*epochs"):
-        load_continual_suite(str(path))
+        load_suite(str(path))
 
 
 # -------------------------------------------------------------- Tiny-ImageNet
@@ -354,9 +356,9 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
     suite_path.write_text(TINY_SUITE.format(task=tmp_path / "tiny.toml"))
     out = tmp_path / "run"
     # Killed once two cells are recorded, then resumed by the command line.
-    suite = load_continual_suite(str(suite_path))
+    suite = load_suite(str(suite_path))
     with pytest.raises(KeyboardInterrupt), interrupt_at(f"suite {suite.name}", 2):
-        run_continual(suite, out, device="cpu")
+        run_suite(suite, out, device="cpu")
     assert len(records.read_records(out / "records.jsonl")) == 2
     assert main(["run", "--suite", str(suite_path), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     rows = records.read_records(out / "records.jsonl")

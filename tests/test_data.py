@@ -648,7 +648,7 @@ def test_every_command_that_opens_a_task_takes_the_holdout_options(command):
 
 def test_with_holdout_replaces_the_split_and_enters_the_cell_keys():
     from cdabench.config import ConfigError, load_task, split_settings, with_holdout
-    from cdabench.suite import Cell, cell_key
+    from cdabench.harness.crossarch import Cell, cell_key
 
     task = load_task("tiny-imagenet")
     assert with_holdout(task) is task

@@ -96,12 +96,12 @@ def test_cpu_workers_share_the_cpu():
 # --- suites under torchrun -----------------------------------------------------------------------
 
 def test_cells_are_dealt_longest_first_to_the_least_loaded_rank():
-    from cdabench.suite import deal_longest_first
-    jobs = [{"name": n, "steps": s} for n, s in [("a", 2), ("b", 9), ("c", 4), ("d", 4), ("e", 1), ("f", 7)]]
+    from cdabench.harness.cells import Job, deal_longest_first
+    jobs = [Job(n, n, s, dict) for n, s in [("a", 2), ("b", 9), ("c", 4), ("d", 4), ("e", 1), ("f", 7)]]
     shares = deal_longest_first(jobs, 2)
     # b(9)->0; f(7)->1; c(4)->1 (7<9); d(4)->0 (9<11); a(2)->1 (11<13); e(1)->0 (13=13, lower rank)
-    assert [[j["name"] for j in share] for share in shares] == [["b", "d", "e"], ["f", "c", "a"]]
-    assert sorted(j["name"] for share in deal_longest_first(jobs, 4) for j in share) == list("abcdef")
+    assert [[j.name for j in share] for share in shares] == [["b", "d", "e"], ["f", "c", "a"]]
+    assert sorted(j.name for share in deal_longest_first(jobs, 4) for j in share) == list("abcdef")
 
 
 def _record(key: str, top1: float) -> dict:
@@ -142,7 +142,8 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(tmp_path:
     2-rank run (a rank's records not merged yet) skips its finished cell; every cell is recorded
     exactly once, with the single-process run's cell keys and accuracies (one thread everywhere)."""
     from cdabench import records
-    from cdabench.suite import Suite, run_suite
+    from cdabench.harness.run import run_suite
+    from cdabench.schema import Suite
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
     task = tmp_path / "tiny.toml"
     task.write_text(SUITE_TASK)
@@ -270,13 +271,14 @@ def test_continual_suite_under_torchrun_records_every_cell_once(tmp_path: Path, 
     the cells dealt across the ranks, and rank 0 merges one record per cell, with the keys and
     accuracies of a one-process run."""
     from cdabench import records
-    from cdabench.continual.runner import load_continual_suite, run_continual
+    from cdabench.harness.run import run_suite
+    from cdabench.harness.suites import load_suite
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
     task = tmp_path / "tiny.toml"
     task.write_text(SUITE_TASK.replace("ipcs = [2]", "ipcs = [3]").replace("batch_size = 20", "batch_size = 30"))
     suite_file = tmp_path / "continual.toml"
     suite_file.write_text(CONTINUAL_SUITE.format(task=task))
-    one = run_continual(load_continual_suite(str(suite_file)), tmp_path / "one", device="cpu")
+    one = run_suite(load_suite(str(suite_file)), tmp_path / "one", device="cpu")
     env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",

@@ -15,7 +15,8 @@ from cdabench.config import ConfigError
 from cdabench.leaderboard import generate
 from cdabench.published import status as published_status
 from cdabench.report import summarise, verdict
-from cdabench.suite import Cell, expand, load_suite, narrow, validate
+from cdabench.harness.crossarch import Cell, expand, narrow, validate
+from cdabench.harness.suites import load_suite
 
 STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
 

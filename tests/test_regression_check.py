@@ -22,7 +22,8 @@ import pytest
 
 from cdabench import packaged
 from cdabench.check import compare, read_targets
-from cdabench.suite import load_suite, run_suite
+from cdabench.harness.run import run_suite
+from cdabench.harness.suites import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "cdabench"

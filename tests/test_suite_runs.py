@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cdabench import records
-from cdabench.suite import Suite, run_suite
+from cdabench.harness.run import run_suite
+from cdabench.schema import Suite
 
 from .interrupt import interrupt_at
 
@@ -146,7 +147,7 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
     assert alive == [], group  # no worker left running
     kept = records.read_records(records_path)
     assert 1 <= len(kept) < 6
-    from cdabench.suite import load_suite
+    from cdabench.harness.suites import load_suite
     # The re-run must use the interrupted run's cache: a teacher retrained elsewhere (here at one
     # thread instead of two) has another hash, and its soft-label cells other keys.
     results = run_suite(load_suite(str(suite_file)), out, device="cpu", cache=str(tmp_path / "cache"), workers=1)

@@ -227,7 +227,7 @@ def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | Non
 
 def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
-             extra: dict | None = None, teacher: Teacher | None = None,
+             teacher: Teacher | None = None,
              allow_label_mismatch: bool = False) -> dict:
     """Train a fresh `student` on the distilled set only; return its record (the last epoch's test
     accuracy and everything the result depends on), on every rank; the caller appends it
@@ -284,7 +284,7 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
                    "classes": artifacts.hash_config(ctx.classes)},
         "distilled_seed": manifest.get("seed"), "recipe": eval_config["recipe"], "kd": eval_config["kd"],
         "adaptation": ctx.adaptation(recipe), "final_loss": result.history[-1]["loss"],
-        "command": command, **(extra or {}),
+        "command": command,
     }
     progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
                  f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")

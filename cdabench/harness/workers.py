@@ -1,31 +1,33 @@
-"""Post-train cells in worker processes: the CPU path of `cdabench run --workers N`.
+"""Jobs in worker processes: the path of `cdabench run --workers N`, and of any suite whose cells
+must run in a plain process under torchrun.
 
 At the embedded default's sizes a post-train step is mostly per-operator overhead, which one
-thread serves no faster than two; so N single-thread processes evaluate N cells at once
-(docs/suites.md has the measurements). Each worker opens the task once and loads the suite's
-teacher from the cache (the parent trained it); a cell's result does not depend on which
-worker ran it, only on the number of threads (recorded). The parent alone writes records.
+thread serves no faster than two; so N single-thread processes run N cells at once
+(docs/suites.md has the measurements). Each worker opens the task once and takes the suite's
+teacher from the cache (the parent trained it) when a cell first needs it; a cell's result does
+not depend on which worker ran it, only on the number of threads (recorded). The parent alone
+writes records.
 
 On GPUs each worker is pinned to one device (`runtime.worker_devices`: round-robin over the
 visible GPUs without torchrun, the rank's own GPU under it). A worker is always a plain single
 process: it strips torchrun's environment before anything can read it, so it never joins (and
-hangs) its parent rank's process group."""
+hangs) its parent rank's process group, and Avalanche stays in its single-process mode."""
 from __future__ import annotations
 
 import multiprocessing
 import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Iterator
 
 import torch
 
 from cdabench import progress
 from cdabench.distill.context import open_context
-from cdabench.distill.pipeline import evaluate
-from cdabench.distill.squeeze import get_teacher
+from cdabench.harness.cells import Job, Session
 from cdabench.runtime import strip_launcher_env
 from cdabench.schema import Task
 
-_STATE: dict = {}
+_SESSION: list[Session] = []
 
 
 def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, threads: int) -> None:
@@ -36,24 +38,19 @@ def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
-    ctx = open_context(task, data_root, device, cache)
-    _STATE.update(ctx=ctx, teacher=get_teacher(ctx))
+    _SESSION.append(Session(open_context(task, data_root, device, cache)))
 
 
-def _evaluate_cell(folder: str, student: str, labels: str, seed: int, command: str, extra: dict,
-                   steps: int = 0) -> dict:
-    """One cell in this worker: its record, returned to the parent (`steps`: the parent's
-    estimate, used for ordering only)."""
-    return evaluate(_STATE["ctx"], folder, student, labels, seed, command=command, teacher=_STATE["teacher"],
-                    extra=extra)
+def _run_job(job: Job) -> dict:
+    return job.run(_SESSION[0], **job.args)
 
 
-def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Task, data_root: str | None,
-                   cache: str | None):
-    """Yield (job, record) as cells finish, in len(devices) workers (one per entry, on that
-    device). `jobs`: keyword arguments of `_evaluate_cell`; `task`: the parent's
-    Task (the context's: command-line overrides, precision included; a worker that reloaded the task file would lose
-    them). Stops submitting when the caller stops iterating (the pool is shut down)."""
+def run_in_workers(jobs: list[Job], devices: list[str], threads: int, task: Task, data_root: str | None,
+                   cache: str | None) -> Iterator[tuple[Job, dict]]:
+    """Yield (job, record) as jobs finish, in len(devices) workers (one per entry, on that
+    device), submitted in the order given. `task`: the parent's Task (the context's: command-line
+    overrides, precision included; a worker that reloaded the task file would lose them). Stops
+    submitting when the caller stops iterating (the pool is shut down)."""
     workers = len(devices)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     device_queue = context.Queue()
@@ -66,7 +63,7 @@ def evaluate_cells(jobs: list[dict], devices: list[str], threads: int, task: Tas
         while queue or running:
             while queue and len(running) < workers:
                 job = queue.pop(0)
-                running[pool.submit(_evaluate_cell, **job)] = job
+                running[pool.submit(_run_job, job)] = job
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = running.pop(future)
