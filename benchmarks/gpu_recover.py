@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from cdabench.config import CDA, load_task, recover_config  # noqa: E402
 from cdabench.distill.recover import freeze, plan_shards, recover_shards  # noqa: E402
-from cdabench.models import create_model  # noqa: E402
-from cdabench.runtime import bf16_supported, device_description, prepare_model  # noqa: E402
+from cdabench.engine.models import create_model  # noqa: E402
+from cdabench.engine.runtime import bf16_supported, device_description, prepare_model  # noqa: E402
 
 TASK_OF_SIZE = {224: ("imagenet-1k", 1000), 64: ("tiny-imagenet", 200)}
 IPC = 50

@@ -8,18 +8,20 @@ from pathlib import Path
 
 import torch
 
-from cdabench import config, progress, records, report
-from cdabench.check import compare, read_targets
+from cdabench import config, progress, records
 from cdabench.config import ConfigError
-from cdabench.continual.report import rich_table as continual_tables
 from cdabench.data import DataError, list_datasets
-from cdabench.distill.context import open_context
-from cdabench.distill.pipeline import distill, evaluate
-from cdabench.leaderboard import generate
-from cdabench.models import list_models
-from cdabench.runtime import launched_world, resolve_device
+from cdabench.distill.sets import distill
+from cdabench.engine.context import open_context
+from cdabench.engine.models import list_models
+from cdabench.engine.runtime import launched_world, resolve_device
+from cdabench.evaluate.posttrain import evaluate
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import list_suites, load_suite, suite_kind
+from cdabench.results import report
+from cdabench.results.check import compare, read_targets
+from cdabench.results.continual import rich_table as continual_tables
+from cdabench.results.leaderboard import generate
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -336,7 +336,7 @@ class ContinualSuite:
     task: str = "digits"
     steps: tuple[int, ...] = (5,)
     protocols: tuple[str, ...] = CONTINUAL_PROTOCOLS
-    strategies: tuple[str, ...] | None = None   # None: every registered strategy (continual/strategies.py)
+    strategies: tuple[str, ...] | None = None   # None: every registered strategy (evaluate/continual/strategies.py)
     memories: tuple[str, ...] = ("random", "herding", "cda", "sre2l")   # replay memories (and retrain's by default)
     retrain_memories: tuple[str, ...] | None = None   # None: the same as memories
     unmasked: tuple[str, ...] = ()        # retrain also runs the papers' unmasked variant for these memories

@@ -128,7 +128,7 @@ def tiny_task(tiny_task_path):
 
 @pytest.fixture(scope="session")
 def tiny_ctx(tiny_task, session_cache):
-    from cdabench.distill.context import open_context
+    from cdabench.engine.context import open_context
     return open_context(tiny_task, None, "cpu", session_cache)
 
 

@@ -8,13 +8,13 @@ import sys
 import torch
 from torch import nn
 
-from cdabench.augment import AugmentSpec
 from cdabench.config import TrainRecipe
+from cdabench.engine.augment import AugmentSpec
 from pathlib import Path
 
-from cdabench.distill.labels import HardLabels, LabelStoreConfig, OnlineKD, build_label_store
-from cdabench.distill.train import ImageBank, Normalizer, train_model
-from cdabench.runtime import init_process_group
+from cdabench.engine.labels import HardLabels, LabelStoreConfig, OnlineKD, build_label_store
+from cdabench.engine.runtime import init_process_group
+from cdabench.engine.train import ImageBank, Normalizer, train_model
 
 
 def small_cnn(seed: int) -> nn.Module:

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from cdabench.distill.labels import OnlineKD
 from cdabench.distill.recover import freeze, recover_batch, recover_shards
-from cdabench.distill.train import ImageBank, Normalizer, make_optimizer, train_step
-from cdabench.models import create_model
-from cdabench.runtime import bf16_supported
+from cdabench.engine.labels import OnlineKD
+from cdabench.engine.models import create_model
+from cdabench.engine.runtime import bf16_supported
+from cdabench.engine.train import ImageBank, Normalizer, make_optimizer, train_step
 from cdabench.schema import AugmentSpec, CropSchedule, RecoverConfig, TrainRecipe
 
 SHAPE = (1, 8, 8)  # the embedded default's working shape
@@ -180,8 +180,9 @@ def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
     student on an IPC-10 random-real set with the smoke task's protocol (online KD) and score it.
     The teacher is the test session's (the smoke suite's is trained once per cache and reused)."""
     from cdabench.config import load_task
-    from cdabench.distill.context import open_context
-    from cdabench.distill.pipeline import distill, evaluate
+    from cdabench.distill.sets import distill
+    from cdabench.engine.context import open_context
+    from cdabench.evaluate.posttrain import evaluate
     from cdabench.harness.suites import load_suite
 
     task = load_task("digits-smoke")

@@ -15,16 +15,16 @@ import torchvision
 from scipy import stats
 from torchvision.transforms import v2
 
-from cdabench.augment import AugmentSpec, sample_aug_params, sample_crop_box
 from cdabench.config import load_method, load_task, recover_config
-from cdabench.continual.retrain import run_retrain
-from cdabench.continual.scenario import build_scenario, class_order
-from cdabench.distill.context import eval_transform
-from cdabench.distill.labels import OnlineKD, kd_loss
-from cdabench.distill.recover import cosine_lr, to_uint8
-from cdabench.distill.train import ImageBank, Normalizer
 from cdabench.data.registry import get_spec
-from cdabench.models import create_model
+from cdabench.distill.recover import cosine_lr, to_uint8
+from cdabench.engine.augment import AugmentSpec, sample_aug_params, sample_crop_box
+from cdabench.engine.context import eval_transform
+from cdabench.engine.labels import OnlineKD, kd_loss
+from cdabench.engine.models import create_model
+from cdabench.engine.train import ImageBank, Normalizer
+from cdabench.evaluate.continual.retrain import run_retrain
+from cdabench.evaluate.continual.scenario import build_scenario, class_order
 
 from .conftest import TinyBNNet, make_tiny_bn_net
 
@@ -139,7 +139,7 @@ def test_crop_sampler_matches_torchvision_in_distribution():
 def test_crop_gradient_is_zero_outside_the_box_and_equals_torchvisions(box):
     """The official loop crops with torchvision (a slice, then a resize): pixels outside the box get
     no gradient at all, so Adam leaves them alone. Ours must too (exactly), and match inside."""
-    from cdabench.augment import crop_resize
+    from cdabench.engine.augment import crop_resize
     import torchvision.transforms.functional as TF
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)

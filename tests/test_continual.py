@@ -19,24 +19,25 @@ import torch
 from cdabench import records
 from cdabench.cli import main
 from cdabench.config import ConfigError, load_task
-from cdabench.continual import metrics, report
-from cdabench.continual.memory import first_per_class, load_memory
-from cdabench.continual.retrain import kd_source, run_retrain
+from cdabench.evaluate.continual import metrics
+from cdabench.evaluate.continual import avalanche_env
+from cdabench.evaluate.continual.memory import first_per_class, load_memory
+from cdabench.evaluate.continual.retrain import kd_source, run_retrain
+from cdabench.evaluate.continual.scenario import build_scenario, class_order, scenario_for, split_steps
+from cdabench.evaluate.continual.sequential import SequentialSettings, run_sequential
 from cdabench.harness.continual import expand, strategies, validate
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
-from cdabench.continual.scenario import build_scenario, class_order, scenario_for, split_steps
-from cdabench.continual import avalanche_env
-from cdabench.continual.sequential import SequentialSettings, run_sequential
-from cdabench.continual.strategies import (check_strategy, create_strategy, list_strategies, memory_kind,
+from cdabench.results import continual as report
+from cdabench.evaluate.continual.strategies import (check_strategy, create_strategy, list_strategies, memory_kind,
                                            register_strategy)
 from cdabench.data import DataError
-from cdabench.distill.context import open_context
-from cdabench.distill.labels import HardLabels
-from cdabench.distill.train import ImageBank, evaluate_model, train_model
-from cdabench.leaderboard import generate
-from cdabench.models import create_model
-from cdabench.published import read_continual
+from cdabench.engine.context import open_context
+from cdabench.engine.labels import HardLabels
+from cdabench.engine.models import create_model
+from cdabench.engine.train import ImageBank, evaluate_model, train_model
+from cdabench.results.leaderboard import generate
+from cdabench.results.published import read_continual
 from cdabench.schema import AugmentSpec, ContinualSuite, TrainRecipe
 from tests.fixtures import make_tiny_imagenet
 from tests.interrupt import interrupt_at
@@ -334,7 +335,7 @@ def test_tiny_imagenet_fixture_loads_offline_and_builds_5x40_and_10x20(tmp_path,
 def test_importing_avalanche_writes_nothing_to_home(tmp_path):
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir()
-    code = ("import os, warnings; from cdabench.continual import avalanche_env; "
+    code = ("import os, warnings; from cdabench.evaluate.continual import avalanche_env; "
             f"avalanche_env.load({str(cache)!r}); "
             "assert os.environ['HOME'] == " + repr(str(home)) + "; "
             "assert not any('QP solver' in str(f) for f in warnings.filters)")

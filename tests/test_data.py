@@ -477,8 +477,8 @@ def test_released_new_folders_map_onto_sorted_wnids(tmp_path):
     """An official SRe2L/CDA release (folders new000 ... new199) numbers folder k as class k of
     the sorted wnids; evaluate --data must pair each folder with those real images."""
     from cdabench.config import load_task, with_holdout
-    from cdabench.distill.context import open_context
-    from cdabench.distill.pipeline import load_distilled
+    from cdabench.distill.sets import load_distilled
+    from cdabench.engine.context import open_context
 
     make_tiny_imagenet(tmp_path / "data", per_class=2, val_per_class=1)
     task_file = tmp_path / "tiny8.toml"

@@ -58,7 +58,7 @@ def test_torchrun_splits_shards_and_matches_single_process(tmp_path: Path):
 # --- launch safety -------------------------------------------------------------------------------
 
 def test_workers_strip_torchruns_environment():
-    from cdabench.runtime import strip_launcher_env
+    from cdabench.engine.runtime import strip_launcher_env
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29500", "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_USE_AGENT_STORE": "True",
            "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
@@ -73,12 +73,12 @@ def test_workers_strip_torchruns_environment():
     (3, 1, 0), (7, 1, 0),            # the launcher shows one GPU per task: that one, whatever LOCAL_RANK says
 ])
 def test_device_from_local_rank_only_when_that_many_are_visible(local_rank, visible, index):
-    from cdabench.runtime import local_device_index
+    from cdabench.engine.runtime import local_device_index
     assert local_device_index(local_rank, visible) == index
 
 
 def test_more_ranks_than_visible_gpus_is_refused():
-    from cdabench.runtime import local_device_index
+    from cdabench.engine.runtime import local_device_index
     with pytest.raises(RuntimeError, match="LOCAL_RANK is 2 but only 2 CUDA devices"):
         local_device_index(2, 2)
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):
@@ -88,7 +88,7 @@ def test_more_ranks_than_visible_gpus_is_refused():
 def test_cpu_workers_share_the_cpu():
     import torch
 
-    from cdabench.runtime import worker_devices
+    from cdabench.engine.runtime import worker_devices
     assert worker_devices(torch.device("cpu"), 3) == ["cpu", "cpu", "cpu"]
     assert worker_devices(torch.device("cpu"), 2, world=4) == ["cpu", "cpu"]
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from cdabench import artifacts
 from cdabench.schema import AugmentSpec
-from cdabench.distill.labels import (LabelStoreConfig, StoredLabels, build_label_store, epoch_file, kd_loss,
+from cdabench.engine.labels import (LabelStoreConfig, StoredLabels, build_label_store, epoch_file, kd_loss,
                                      masked_probs, mixed_cross_entropy)
-from cdabench.distill.train import ImageBank, Normalizer
+from cdabench.engine.train import ImageBank, Normalizer
 
 from .conftest import make_tiny_bn_net
 
@@ -213,7 +213,7 @@ def test_topk_store_keeps_k_values(tmp_path):
 
 def test_label_store_size_is_computed_printed_and_refused_when_too_large(tmp_path):
     from cdabench.data import DataError
-    from cdabench.distill.labels import check_label_store_size, label_store_bytes
+    from cdabench.engine.labels import check_label_store_size, label_store_bytes
     # ImageNet-21K at IPC 10, 300 epochs: all fp16 logits vs the top 100 (fp16 value + int32 index).
     assert label_store_bytes(104_500, 10_450, 300) == 104_500 * (10_450 * 2 + 29) * 300
     assert label_store_bytes(104_500, 10_450, 300, topk=100) == 104_500 * (100 * 6 + 29) * 300

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from cdabench import records
-from cdabench.check import compare, read_targets, write_targets
 from cdabench.cli import main
 from cdabench.config import ConfigError
-from cdabench.leaderboard import generate
-from cdabench.published import status as published_status
-from cdabench.report import summarise, verdict
 from cdabench.harness.crossarch import Cell, expand, narrow, validate
 from cdabench.harness.suites import load_suite
+from cdabench.results.check import compare, read_targets, write_targets
+from cdabench.results.leaderboard import generate
+from cdabench.results.published import status as published_status
+from cdabench.results.report import summarise, verdict
 
 STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
 
@@ -153,7 +153,7 @@ def test_records_of_another_schema_version_are_refused(tmp_path):
 
 def test_spread_is_shown_whenever_there_are_two_seeds():
     """Two seeds that agree exactly show '± 0.0'; one seed shows no spread at all."""
-    from cdabench import report
+    from cdabench.results import report
     assert report.fmt(88.1, 0.0) == "88.1 ± 0.0"
     assert report.fmt(88.1, None) == "88.1"
     assert report.fmt(None) == "–"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from cdabench.config import ConfigError, load_method, load_task
-from cdabench.distill.train import make_optimizer
-from cdabench.models import MODELS, create_model, describe_adaptation, mobilenetv2_stride1_stages, register_model
+from cdabench.engine.models import MODELS, create_model, describe_adaptation, mobilenetv2_stride1_stages, register_model
+from cdabench.engine.train import make_optimizer
 from cdabench.schema import TrainRecipe
 
 REPO = Path(__file__).resolve().parents[1]

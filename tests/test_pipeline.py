@@ -18,11 +18,12 @@ from PIL import Image
 from cdabench import artifacts, records
 from cdabench.cli import main
 from cdabench.config import load_method, load_task, recover_config
-from cdabench.distill.context import open_context
-from cdabench.distill.pipeline import evaluate, load_distilled
 from cdabench.distill.select import herding_order, select_random
+from cdabench.distill.sets import load_distilled
 from cdabench.distill.squeeze import load_teacher
-from cdabench.models import create_model, penultimate_features
+from cdabench.engine.context import open_context
+from cdabench.engine.models import create_model, penultimate_features
+from cdabench.evaluate.posttrain import evaluate
 
 from .fixtures import make_imagefolder
 

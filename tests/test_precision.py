@@ -9,7 +9,7 @@ from torch import nn
 
 from cdabench.cli import main
 from cdabench.config import load_task
-from cdabench.runtime import autocast, bf16_supported, check_precision
+from cdabench.engine.runtime import autocast, bf16_supported, check_precision
 
 CPU = torch.device("cpu")
 

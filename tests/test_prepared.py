@@ -88,8 +88,8 @@ def test_too_little_disk_is_refused_before_writing(tmp_path: Path):
 
 def test_context_serves_image_files_from_the_prepared_cache(tmp_path: Path, monkeypatch):
     from cdabench.config import Task
-    from cdabench.distill.context import eval_transform, open_context
-    from cdabench.distill.train import ImageBank
+    from cdabench.engine.context import eval_transform, open_context
+    from cdabench.engine.train import ImageBank
     make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=6, size=(40, 30))
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
     task = Task(name="folder", dataset="imagefolder", image_size=16, ipcs=(1,), holdout_per_class=1)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdabench.augment import crop_resize, sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
 from cdabench.distill.recover import cosine_lr, freeze, plan_shards, recover_batch, run_recover, shard_seed
+from cdabench.engine.augment import crop_resize, sample_crop_box
 from cdabench.schema import CropSchedule, RecoverConfig
 
 from .conftest import make_tiny_bn_net

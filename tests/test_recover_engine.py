@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cdabench.augment import sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
+from cdabench.engine.augment import sample_crop_box
 from cdabench.distill.recover import (ImageWriter, RecoverConfig, freeze, group_shards, initial_noise,
                                       plan_shards, recover_batch, recover_shards, run_recover,
                                       sample_recover_draws)
-from cdabench.runtime import ProcessGroup, bf16_supported
+from cdabench.engine.runtime import ProcessGroup, bf16_supported
 from cdabench.schema import CropSchedule
 
 from .conftest import make_tiny_bn_net

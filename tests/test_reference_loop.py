@@ -16,8 +16,8 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from cdabench.config import load_method, load_task, recover_config
-from cdabench.schema import CropSchedule
 from cdabench.distill.recover import initial_noise, recover_batch, sample_recover_draws
+from cdabench.schema import CropSchedule
 
 from .conftest import make_tiny_bn_net
 

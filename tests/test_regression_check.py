@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from cdabench import packaged
-from cdabench.check import compare, read_targets
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
+from cdabench.results.check import compare, read_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "cdabench"

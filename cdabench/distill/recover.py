@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdabench import artifacts, progress
-from cdabench.augment import crop_resize, sample_crop_box
 from cdabench.distill.bn_loss import BNStatisticsLoss
-from cdabench.runtime import ProcessGroup, autocast, check_precision
+from cdabench.engine.augment import crop_resize, sample_crop_box
+from cdabench.engine.runtime import ProcessGroup, autocast, check_precision
 from cdabench.schema import RecoverConfig
 
 MAX_AUTO_SHARDS = 8       # beyond this a GPU gains little from a larger batch (docs/recover.md)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdabench.models import penultimate_features
+from cdabench.engine.models import penultimate_features
 
 
 def select_random(targets: np.ndarray, ipc: int, seed: int) -> dict[int, np.ndarray]:

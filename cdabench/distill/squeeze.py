@@ -14,10 +14,10 @@ from torch import nn
 
 from cdabench import artifacts, progress
 from cdabench.data import DataError
-from cdabench.distill.context import Context
-from cdabench.distill.labels import HardLabels
-from cdabench.distill.train import ImageBank, evaluate_model, train_model
-from cdabench.runtime import prepare_model, seed_everything
+from cdabench.engine.context import Context
+from cdabench.engine.labels import HardLabels
+from cdabench.engine.runtime import prepare_model, seed_everything
+from cdabench.engine.train import ImageBank, evaluate_model, train_model
 
 
 @dataclass

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 from cdabench import artifacts
 from cdabench.config import load_method, method_uses_seed, recover_config
-from cdabench.distill.context import Context
 from cdabench.distill.squeeze import Teacher, get_teacher, teacher_key
-from cdabench.runtime import ProcessGroup
+from cdabench.engine.context import Context
+from cdabench.engine.runtime import ProcessGroup
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,15 @@ import timm
 
 from cdabench import artifacts
 from cdabench.config import ConfigError, load_method, load_task, split_settings
-from cdabench.continual.cell import ContinualCell, evaluate_continual
-from cdabench.continual.memory import check_memory_name, load_memory
-from cdabench.continual.scenario import class_order, scenario_for, split_steps
-from cdabench.continual.strategies import check_strategy, list_strategies, memory_kind
-from cdabench.distill.context import Context, check_ipc
-from cdabench.distill.pipeline import distill, student_recipe
+from cdabench.distill.sets import distill
+from cdabench.engine.context import Context, check_ipc
+from cdabench.engine.models import MODELS
+from cdabench.evaluate.continual.cell import ContinualCell, evaluate_continual
+from cdabench.evaluate.continual.memory import check_memory_name, load_memory
+from cdabench.evaluate.continual.scenario import class_order, scenario_for, split_steps
+from cdabench.evaluate.continual.strategies import check_strategy, list_strategies, memory_kind
+from cdabench.evaluate.posttrain import student_recipe
 from cdabench.harness.cells import Job, Session, distill_seed, set_folder
-from cdabench.models import MODELS
 from cdabench.schema import CONTINUAL_PROTOCOLS, ContinualSuite
 
 NAME = "continual"

@@ -1,7 +1,7 @@
 """The cross-architecture suite kind: a declared grid of task x method x IPC x student x label
 protocol x seed. Its shared stages are one teacher per task and one distilled set per method, IPC
 and seed, reused by every student; each cell post-trains one student on one set
-(distill.pipeline.evaluate). The harness (harness/run.py) runs the cells."""
+(evaluate.posttrain.evaluate). The harness (harness/run.py) runs the cells."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,10 +13,11 @@ import timm
 
 from cdabench import artifacts
 from cdabench.config import ConfigError, load_method, load_task, split_settings
-from cdabench.distill.context import Context
-from cdabench.distill.pipeline import distill, evaluate, evaluation_config
+from cdabench.distill.sets import distill
+from cdabench.engine.context import Context
+from cdabench.engine.models import MODELS
+from cdabench.evaluate.posttrain import evaluate, evaluation_config
 from cdabench.harness.cells import Job, Session, distill_seed, set_folder
-from cdabench.models import MODELS
 from cdabench.schema import Suite
 
 NAME = "cross-arch"

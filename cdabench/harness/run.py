@@ -16,12 +16,12 @@ import torch
 
 from cdabench import progress, records
 from cdabench.config import load_task, with_holdout
-from cdabench.distill.context import open_context
 from cdabench.distill.squeeze import get_teacher
+from cdabench.engine.context import open_context
+from cdabench.engine.runtime import worker_devices
 from cdabench.harness.cells import Job, Session, deal_longest_first, rank_record_files, rank_records_path, solo
 from cdabench.harness.suites import suite_kind
 from cdabench.harness.workers import run_in_workers
-from cdabench.runtime import worker_devices
 
 
 def run_suite(suite, out: Path, data_root: str | None = None, device: str = "auto", cache: str | None = None,

@@ -22,9 +22,9 @@ from typing import Iterator
 import torch
 
 from cdabench import progress
-from cdabench.distill.context import open_context
+from cdabench.engine.context import open_context
+from cdabench.engine.runtime import strip_launcher_env
 from cdabench.harness.cells import Job, Session
-from cdabench.runtime import strip_launcher_env
 from cdabench.schema import Task
 
 _SESSION: list[Session] = []

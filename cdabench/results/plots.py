@@ -12,7 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cdabench import artifacts, report, stats  # noqa: E402
+from cdabench import artifacts, stats  # noqa: E402
+from cdabench.results import report
 
 METADATA = {"Software": None}  # no version/date stamp inside the PNG
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdabench import artifacts, progress
-from cdabench.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
+from cdabench.engine.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
                               sample_aug_params)
-from cdabench.runtime import ProcessGroup, autocast
+from cdabench.engine.runtime import ProcessGroup, autocast
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, t_squared: bool) -> torch.Tensor:

@@ -9,8 +9,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from cdabench import artifacts, published, records, report, stats
-from cdabench.continual import report as continual_report
+from cdabench import artifacts, records, stats
+from cdabench.results import published, report
+from cdabench.results import continual as continual_report
 
 CSV_COLUMNS = ("task", "dataset", "method", "ipc", "student", "labels", "label_protocol", "seed", "top1", "top5",
                "heldout_top1", "epochs", "num_images", "image_bytes", "label_bytes", "teacher_forwards",
@@ -126,7 +127,7 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
         dataset = rows[0]["dataset"]
         figures = []
         if plots and cross:
-            from cdabench import plots as plotting  # lazily: matplotlib loads only when plots are drawn
+            from cdabench.results import plots as plotting  # lazily: matplotlib loads only when plots are drawn
             figures = plotting.draw_task(task, cross, summaries, out, _provenance(cross))
         # Continual records (cdabench run --suite continual) get their own section and figures.
         continual = [r for r in rows if records.is_continual(r)]

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from cdabench.schema import Task, TrainRecipe
 from cdabench.data import DataError, ImageSplit, RealData, create_dataset, stratified_holdout
-from cdabench.distill.train import ImageBank, Normalizer, StreamedImages
-from cdabench.models import create_model, describe_adaptation
-from cdabench.runtime import ProcessGroup, check_precision, init_process_group, resolve_device
+from cdabench.engine.models import create_model, describe_adaptation
+from cdabench.engine.runtime import ProcessGroup, check_precision, init_process_group, resolve_device
+from cdabench.engine.train import ImageBank, Normalizer, StreamedImages
+from cdabench.schema import Task, TrainRecipe
 
 IN_MEMORY_LIMIT = 4 << 30  # bytes of uint8 pixels held as one tensor; larger sets stream from disk
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from cdabench import artifacts, progress
+from cdabench.engine.runtime import ProcessGroup, autocast
 from cdabench.schema import TrainRecipe
-from cdabench.runtime import ProcessGroup, autocast
 
 
 class Normalizer:

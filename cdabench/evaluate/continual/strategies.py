@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from cdabench.config import ConfigError
-from cdabench.continual.scenario import avalanche_dataset, subset_by_classes
-from cdabench.distill.train import ImageBank
+from cdabench.engine.train import ImageBank
+from cdabench.evaluate.continual.scenario import avalanche_dataset, subset_by_classes
 from cdabench.schema import SequentialSettings
 
 MEMORY_KINDS = ("source", "own-buffer", "none")

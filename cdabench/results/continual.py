@@ -10,8 +10,9 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from cdabench import published, stats
-from cdabench.report import md_table
+from cdabench import stats
+from cdabench.results import published
+from cdabench.results.report import md_table
 
 
 @dataclass
@@ -206,7 +207,7 @@ def markdown_section(records: list[dict], published_table: list[dict], figures: 
 
 def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[str]:
     """Per scenario: accuracy vs classes seen, and the accuracy matrices (mean over seeds)."""
-    from cdabench import plots  # lazily: matplotlib loads only when plots are drawn
+    from cdabench.results import plots  # lazily: matplotlib loads only when plots are drawn
     plt = plots.plt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

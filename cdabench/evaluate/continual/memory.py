@@ -1,6 +1,6 @@
 """Memory sources at equal memory: the same number of images per class from random real
 exemplars, herding exemplars, or a method's distilled images (cda, sre2l), all produced by
-`cdabench distill` (pipeline.distill) and read back from its folder."""
+`cdabench distill` (distill.sets.distill) and read back from its folder."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,9 +11,9 @@ import torch
 
 from cdabench import artifacts
 from cdabench.config import ConfigError, load_method
-from cdabench.continual.scenario import subset_by_classes
 from cdabench.data import DataError, load_imagefolder
-from cdabench.distill.train import ImageBank
+from cdabench.engine.train import ImageBank
+from cdabench.evaluate.continual.scenario import subset_by_classes
 
 LABEL_BYTES_PER_IMAGE = 8   # a hard label as the int64 a torch label tensor holds
 

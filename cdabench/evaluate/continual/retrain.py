@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdabench.continual.scenario import Scenario, evaluate_experiences, subset_by_classes
-from cdabench.distill.labels import OnlineKD
-from cdabench.distill.train import ImageBank, Normalizer, train_model
+from cdabench.engine.labels import OnlineKD
+from cdabench.engine.train import ImageBank, Normalizer, train_model
+from cdabench.evaluate.continual.scenario import Scenario, evaluate_experiences, subset_by_classes
 from cdabench.schema import KDConfig, TrainRecipe
 
 

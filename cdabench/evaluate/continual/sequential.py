@@ -2,7 +2,7 @@
 strategies, scored after every experience by our own evaluation (evaluate_model on the test
 images of each experience), which fills the accuracy matrix. No Avalanche metric is used.
 
-The strategies, one registry entry each, are in cdabench/continual/strategies.py.
+The strategies, one registry entry each, are in cdabench/evaluate/continual/strategies.py.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from torch import nn
 
 from cdabench import progress
 from cdabench.config import ConfigError
-from cdabench.continual import avalanche_env
-from cdabench.continual.retrain import ProtocolOutcome
-from cdabench.continual.scenario import Scenario, evaluate_experiences
-from cdabench.continual.strategies import check_strategy, create_strategy, strategy_entry
-from cdabench.distill.train import ImageBank, Normalizer
+from cdabench.engine.train import ImageBank, Normalizer
+from cdabench.evaluate.continual import avalanche_env
+from cdabench.evaluate.continual.retrain import ProtocolOutcome
+from cdabench.evaluate.continual.scenario import Scenario, evaluate_experiences
+from cdabench.evaluate.continual.strategies import check_strategy, create_strategy, strategy_entry
 from cdabench.schema import SequentialSettings
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from cdabench.config import ConfigError
-from cdabench.continual import avalanche_env
-from cdabench.distill.train import ImageBank, Normalizer, evaluate_model
+from cdabench.engine.train import ImageBank, Normalizer, evaluate_model
+from cdabench.evaluate.continual import avalanche_env
 
 
 CLASS_ORDERS = ("cdabench", "sre2l-cl")

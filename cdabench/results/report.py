@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from cdabench import stats
+from cdabench.engine.models import MODELS
 from cdabench.records import is_continual
-from cdabench.models import MODELS
 
 BASELINE = "random"
 

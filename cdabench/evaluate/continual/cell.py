@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cdabench import artifacts
-from cdabench.continual import metrics
-from cdabench.continual.memory import LABEL_BYTES_PER_IMAGE
-from cdabench.continual.retrain import run_retrain
-from cdabench.continual.sequential import run_sequential
-from cdabench.continual.strategies import strategy_entry
-from cdabench.distill.pipeline import student_recipe
-from cdabench.runtime import device_description, versions
+from cdabench.engine.runtime import device_description, versions
+from cdabench.evaluate.continual import metrics
+from cdabench.evaluate.continual.memory import LABEL_BYTES_PER_IMAGE
+from cdabench.evaluate.continual.retrain import run_retrain
+from cdabench.evaluate.continual.sequential import run_sequential
+from cdabench.evaluate.continual.strategies import strategy_entry
+from cdabench.evaluate.posttrain import student_recipe
 from cdabench.schema import ContinualSuite
 
 

@@ -1,0 +1,122 @@
+"""The evaluate stage: relabel -> post-train -> one record, returned (the CLI and the harness
+append it to records.jsonl). A fresh student trains on the distilled set only; its last epoch
+is measured on the real test split. Label stores are written atomically and reused."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from cdabench import artifacts, progress
+from cdabench.config import ConfigError
+from cdabench.distill.sets import load_distilled
+from cdabench.distill.squeeze import Teacher, get_teacher, label_agreement_guard
+from cdabench.engine.context import Context
+from cdabench.engine.labels import HardLabels, LabelStoreConfig, OnlineKD, StoredLabels, build_label_store
+from cdabench.engine.models import check_model_name
+from cdabench.engine.runtime import device_description, prepare_model, versions
+from cdabench.engine.train import ImageBank, evaluate_model, train_model
+
+
+def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, bank, manifest: dict):
+    kd = ctx.task.posttrain.kd
+    if labels == "hard":
+        return HardLabels(recipe.augment, ctx.image_size), {}
+    if kd.mode == "online":
+        return OnlineKD(recipe.augment, ctx.image_size, teacher.model, ctx.normalizer(), kd.temperature,
+                        kd.t_squared, precision=ctx.precision), {}
+    if not isinstance(bank, ImageBank):
+        raise ConfigError("stored soft labels need the distilled set in memory; use kd mode = 'online' for full data")
+    store_config = LabelStoreConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment,
+                                    topk=kd.topk, seed=manifest.get("seed") or 0)
+    key = artifacts.hash_config({"images": manifest["images_hash"], "teacher": teacher.hash,
+                                 "store": store_config.to_dict(), "precision": ctx.precision})
+    root = ctx.cache / "labels" / key
+    store = build_label_store(root, teacher.model, bank.images, store_config, ctx.normalizer(), ctx.device,
+                              ctx.image_size, precision=ctx.precision, group=ctx.group)
+    source = StoredLabels(root, recipe.augment, ctx.image_size, kd.temperature, kd.t_squared, ctx.num_classes)
+    return source, store
+
+
+def student_recipe(ctx: Context, student: str, epochs: int | None = None, full: bool = False,
+                   images: int | None = None):
+    """The task's recipe for `student` on a set of `images` (which sets the epochs under the task's
+    equal_steps_ipc); `epochs` (the command line's --epochs) overrides the result."""
+    recipe = ctx.task.posttrain.recipe_for(student, full, images, ctx.num_classes)
+    return dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
+
+
+def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None, full: bool = False,
+                      images: int | None = None) -> dict:
+    """Everything about post-train that a result depends on (hashed into every record)."""
+    kd = ctx.task.posttrain.kd
+    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full, images)), "labels": labels,
+            "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
+
+
+def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int,
+             teacher_path: str | None = None, command: str = "", epochs: int | None = None,
+             teacher: Teacher | None = None,
+             allow_label_mismatch: bool = False) -> dict:
+    """Train a fresh `student` on the distilled set only; return its record (the last epoch's test
+    accuracy and everything the result depends on), on every rank; the caller appends it
+    (records.append_record) where it keeps its records.
+    `teacher`: one already loaded and guarded (see `distill`). A folder without our manifest must
+    pass the label-agreement guard (squeeze.label_agreement_guard) unless `allow_label_mismatch`."""
+    if labels not in ("soft", "hard"):
+        raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
+    check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
+    bank, manifest = load_distilled(ctx, data_dir)
+    full = bool(manifest.get("full"))
+    recipe = student_recipe(ctx, student, epochs, full, len(bank))
+    external = manifest.get("method") == "external"
+    if teacher is None and (labels == "soft" or (external and not allow_label_mismatch)):
+        teacher = get_teacher(ctx, teacher_path)
+    agreement = None
+    if teacher is not None and not full:
+        agreement = label_agreement_guard(ctx, teacher, bank, str(data_dir),
+                                          enforce=external and not allow_label_mismatch)
+    if labels != "soft":
+        teacher = None  # the guard's teacher only: hard labels use none
+    relabel_start = time.perf_counter()
+    label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
+    relabel_seconds = time.perf_counter() - relabel_start
+    torch.manual_seed(seed)
+    model = prepare_model(ctx.new_model(recipe), ctx.device)
+    result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
+                         description=f"post-train {student} ({manifest.get('method')}, {labels})",
+                         precision=ctx.precision, group=ctx.group)
+    if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and builds the one record
+        return ctx.group.broadcast(None)
+    test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+    heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+    kd = ctx.task.posttrain.kd
+    eval_config = evaluation_config(ctx, student, labels, epochs, full, len(bank))
+    seconds = dict(manifest.get("seconds", {}))
+    seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
+    if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)
+        seconds["squeeze"] = teacher.info.get("seconds", 0.0)
+    record = {
+        "task": ctx.task.name, "dataset": ctx.data.spec.name, "method": manifest.get("method"),
+        "ipc": manifest.get("ipc"), "student": student, "labels": labels,
+        "label_protocol": f"{kd.mode}-kd" if labels == "soft" else "hard", "seed": seed,
+        "top1": test["top1"], "top5": test["top5"], "heldout_top1": heldout["top1"], "metric": "last-epoch",
+        "label_agreement": agreement,
+        "epochs": recipe.epochs, "num_images": len(bank), "image_bytes": manifest.get("image_bytes"),
+        "label_bytes": store.get("label_bytes", 0),
+        "teacher_forwards": result.teacher_forwards + store.get("teacher_forwards", 0),
+        "seconds": seconds, "device": device_description(ctx.device), "precision": ctx.precision,
+        "recover_precision": manifest.get("precision"),
+        "versions": versions(),
+        "hashes": {"images": manifest.get("images_hash"), "labels": store.get("label_hash"),
+                   "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config),
+                   "classes": artifacts.hash_config(ctx.classes)},
+        "distilled_seed": manifest.get("seed"), "recipe": eval_config["recipe"], "kd": eval_config["kd"],
+        "adaptation": ctx.adaptation(recipe), "final_loss": result.history[-1]["loss"],
+        "command": command,
+    }
+    progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
+                 f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")
+    return ctx.group.broadcast(record)
