@@ -25,7 +25,7 @@ def record_id(record: dict) -> str:
 def is_continual(record: dict) -> bool:
     """Continual records (a continual suite's cells) share the schema but not the meaning of
     `top1` (final seen-class accuracy): tables, leaderboards and checks keep them apart."""
-    return bool(record.get("continual"))
+    return record.get("kind") == "continual" or bool(record.get("continual"))  # `continual`: before `kind`
 
 
 def validate(record: dict, where: str = "record") -> dict:

@@ -12,6 +12,7 @@ import torch
 from torchvision.transforms import v2
 
 from cdabench.data import DataError, ImageSplit, RealData, create_dataset, stratified_holdout
+from cdabench.data.prepared import prepared_split
 from cdabench.engine.models import create_model, describe_adaptation
 from cdabench.engine.runtime import ProcessGroup, check_precision, init_process_group, resolve_device
 from cdabench.engine.train import ImageBank, Normalizer, StreamedImages
@@ -112,7 +113,6 @@ class Context:
     def _prepared(self, name: str, split: ImageSplit):
         """The first process to ask builds the prepared view (in parallel processes when large);
         other ranks and workers wait on its lock file, then map it."""
-        from cdabench.data.prepared import prepared_split
         view = f"{self.data.spec.name} {name} {eval_transform(self.data)!r}"
         workers = min(8, os.cpu_count() or 1) if len(split) >= 4096 else 0
         return prepared_split(split, self.cache / "prepared", view, self.shape, workers)

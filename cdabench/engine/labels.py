@@ -12,6 +12,7 @@ Every source exposes the same three calls used by train.train_model: `epoch_orde
 from __future__ import annotations
 
 import io
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdabench import artifacts, progress
+from cdabench.data import DataError
+from cdabench.data.prepared import check_free_space
 from cdabench.engine.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
                               sample_aug_params)
 from cdabench.engine.runtime import ProcessGroup, autocast
@@ -203,9 +206,6 @@ def label_store_bytes(images: int, classes: int, epochs: int, topk: int = 0) -> 
 def check_label_store_size(root: Path, images: int, classes: int, config: LabelStoreConfig, epochs: int) -> None:
     """Print the store's size before anything is written; refuse clearly when the disk (or, for
     one epoch's logits, the memory) cannot hold it."""
-    import os
-
-    from cdabench.data.prepared import check_free_space
     total = label_store_bytes(images, classes, epochs, config.topk)
     kept = f"top-{config.topk} logits" if config.topk else f"all {classes} logits"
     progress.log(f"label store: {images} images x {epochs} epochs, {kept}: {total / 2**30:.2f} GiB -> {root}")
@@ -214,7 +214,6 @@ def check_label_store_size(root: Path, images: int, classes: int, config: LabelS
     one_epoch = images * classes * 4  # fp32 logits of one epoch, then its fp16 copy
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
     if available is not None and one_epoch > available:
-        from cdabench.data import DataError
         raise DataError(f"one relabel epoch holds {one_epoch / 2**30:.1f} GiB of logits in memory but "
                         f"{available / 2**30:.1f} GiB is available: free memory, or relabel a smaller set")
 

@@ -16,8 +16,9 @@ from cdabench.distill.squeeze import Teacher, get_teacher, label_agreement_guard
 from cdabench.engine.context import Context
 from cdabench.engine.labels import HardLabels, LabelStoreConfig, OnlineKD, StoredLabels, build_label_store
 from cdabench.engine.models import check_model_name
-from cdabench.engine.runtime import device_description, prepare_model, versions
+from cdabench.engine.runtime import prepare_model
 from cdabench.engine.train import ImageBank, evaluate_model, train_model
+from cdabench.evaluate.record import measurement
 
 
 def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, bank, manifest: dict):
@@ -98,25 +99,18 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
     if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)
         seconds["squeeze"] = teacher.info.get("seconds", 0.0)
-    record = {
-        "task": ctx.task.name, "dataset": ctx.data.spec.name, "method": manifest.get("method"),
-        "ipc": manifest.get("ipc"), "student": student, "labels": labels,
-        "label_protocol": f"{kd.mode}-kd" if labels == "soft" else "hard", "seed": seed,
-        "top1": test["top1"], "top5": test["top5"], "heldout_top1": heldout["top1"], "metric": "last-epoch",
-        "label_agreement": agreement,
-        "epochs": recipe.epochs, "num_images": len(bank), "image_bytes": manifest.get("image_bytes"),
-        "label_bytes": store.get("label_bytes", 0),
-        "teacher_forwards": result.teacher_forwards + store.get("teacher_forwards", 0),
-        "seconds": seconds, "device": device_description(ctx.device), "precision": ctx.precision,
-        "recover_precision": manifest.get("precision"),
-        "versions": versions(),
-        "hashes": {"images": manifest.get("images_hash"), "labels": store.get("label_hash"),
-                   "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config),
-                   "classes": artifacts.hash_config(ctx.classes)},
-        "distilled_seed": manifest.get("seed"), "recipe": eval_config["recipe"], "kd": eval_config["kd"],
-        "adaptation": ctx.adaptation(recipe), "final_loss": result.history[-1]["loss"],
-        "command": command,
-    }
+    hashes = {"images": manifest.get("images_hash"), "labels": store.get("label_hash"),
+              "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config)}
+    record = measurement(
+        ctx, "cross-arch", hashes, command, method=manifest.get("method"), ipc=manifest.get("ipc"), student=student,
+        labels=labels, label_protocol=f"{kd.mode}-kd" if labels == "soft" else "hard", seed=seed,
+        top1=test["top1"], top5=test["top5"], heldout_top1=heldout["top1"], metric="last-epoch",
+        label_agreement=agreement, epochs=recipe.epochs, num_images=len(bank), image_bytes=manifest.get("image_bytes"),
+        label_bytes=store.get("label_bytes", 0),
+        teacher_forwards=result.teacher_forwards + store.get("teacher_forwards", 0), seconds=seconds,
+        precision=ctx.precision, recover_precision=manifest.get("precision"), distilled_seed=manifest.get("seed"),
+        recipe=eval_config["recipe"], kd=eval_config["kd"], adaptation=ctx.adaptation(recipe),
+        final_loss=result.history[-1]["loss"])
     progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
                  f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")
     return ctx.group.broadcast(record)

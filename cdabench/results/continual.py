@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 
 from cdabench import stats
+from cdabench.records import is_continual
 from cdabench.results import published
 from cdabench.results.report import md_table
 
@@ -79,7 +80,7 @@ def _row_order(row: CurveRow) -> tuple:
 def group(records: list[dict]) -> list[CurveRow]:
     rows: dict[tuple, CurveRow] = {}
     for r in records:
-        if not r.get("continual"):
+        if not is_continual(r):
             continue
         key = (r["task"], r["steps"], r["ipc"], r["student"], r["protocol"], r["strategy"], r["memory"], r.get("masked"))
         row = rows.setdefault(key, CurveRow(*key))
@@ -148,7 +149,7 @@ def published_rows(records: list[dict], published_table: list[dict]) -> list[lis
     for p in published_table:
         def measured(masked: bool) -> list[float]:
             return [r["seen_accuracy"][p["step"] - 1] for r in records
-                    if r.get("continual") and r["dataset"] == p["dataset"] and r["steps"] == p["steps"]
+                    if is_continual(r) and r["dataset"] == p["dataset"] and r["steps"] == p["steps"]
                     and r["ipc"] == p["ipc"] and r["memory"] == p["method"] and r["protocol"] == p["protocol"]
                     and r["student"] == p["student"] and bool(r.get("masked")) == masked
                     and len(r["seen_accuracy"]) >= p["step"]]

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cdabench import artifacts
-from cdabench.engine.runtime import device_description, versions
 from cdabench.evaluate.continual import metrics
 from cdabench.evaluate.continual.memory import LABEL_BYTES_PER_IMAGE
 from cdabench.evaluate.continual.retrain import run_retrain
 from cdabench.evaluate.continual.sequential import run_sequential
 from cdabench.evaluate.continual.strategies import strategy_entry
 from cdabench.evaluate.posttrain import student_recipe
+from cdabench.evaluate.record import measurement
 from cdabench.schema import ContinualSuite
 
 
@@ -68,20 +68,18 @@ def evaluate_continual(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem,
     seconds = dict(mem.manifest.get("seconds", {})) if mem else {}
     seconds.update({"continual": outcome.seconds, "evaluation": outcome.eval_seconds})
     composition = sc.composition()
-    return {
-        "task": ctx.task.name, "dataset": ctx.data.spec.name, "method": cell.memory, "ipc": cell.ipc,
+    hashes = {"images": mem.images_hash if mem else None, "labels": None,
+              "teacher": teacher.hash if teacher is not None else None,
+              "eval_config": artifacts.hash_config(eval_config), "scenario": artifacts.hash_config(composition)}
+    return measurement(ctx, "continual", hashes, command, **{
+        "method": cell.memory, "ipc": cell.ipc,
         "student": suite.student, "labels": labels, "label_protocol": label_protocol, "seed": cell.seed,
         "top1": result.final_accuracy, "top5": result.final_top5, "metric": "final seen-class accuracy",
         "epochs": epochs, "num_images": num_images, "image_bytes": image_bytes, "label_bytes": label_bytes,
-        "teacher_forwards": outcome.teacher_forwards, "seconds": seconds, "device": device_description(ctx.device),
-        "versions": versions(),
+        "teacher_forwards": outcome.teacher_forwards, "seconds": seconds,
         # Avalanche's training loops run in fp32; the retrain protocol uses the task's precision.
         "precision": ctx.precision if cell.protocol == "retrain" else "fp32",
-        "hashes": {"images": mem.images_hash if mem else None, "labels": None,
-                   "teacher": teacher.hash if teacher is not None else None,
-                   "eval_config": artifacts.hash_config(eval_config), "classes": artifacts.hash_config(ctx.classes),
-                   "scenario": artifacts.hash_config(composition)},
-        "continual": True, "protocol": cell.protocol, "strategy": cell.strategy, "memory": cell.memory,
+        "protocol": cell.protocol, "strategy": cell.strategy, "memory": cell.memory,
         "masked": cell.masked, "steps": cell.steps, "order_seed": composition["order_seed"],
         "class_order": composition["class_order"], "class_order_convention": suite.class_order,
         "step_classes": composition["steps"],
@@ -90,5 +88,5 @@ def evaluate_continual(ctx, suite: ContinualSuite, cell: ContinualCell, sc, mem,
         **result.to_record(), "step_details": outcome.steps,
         "sequential": suite.sequential.to_dict() if cell.protocol == "sequential" else None,
         "distilled_seed": mem.manifest.get("seed") if mem else None,
-        "adaptation": ctx.adaptation(architecture), "command": command,
-    }
+        "adaptation": ctx.adaptation(architecture),
+    })
