@@ -285,6 +285,27 @@ class ImageSplit(torch.utils.data.Dataset):
         hasher.update(f"resize{self.resize_to}".encode())
         hasher.update(self.targets.astype("<i8").tobytes())
 
+    @property
+    def file_backed(self) -> bool:
+        return self._images is None
+
+    def update_listing_hash(self, hasher: "hashlib._Hash") -> None:
+        """Feed what one directory scan sees into `hasher`: every file's path (as listed when the
+        split was loaded) and target, and each directory's modification time (one stat per
+        directory: 1,000 on ImageNet rather than 1.28 M). Adding, removing, renaming or replacing
+        a file (a new file moved into place) changes a directory's mtime; a file's bytes edited in
+        place do not (docs/methods.md)."""
+        folders = sorted({p.parent for p in self._paths})
+        hasher.update("\n".join(p.as_posix() for p in self._paths).encode())
+        for folder in folders:
+            try:
+                mtime = folder.stat().st_mtime_ns
+            except OSError as exc:
+                raise DataError(f"cannot stat image folder {folder} ({exc}); restore it or reload the dataset") from exc
+            hasher.update(f"\n{folder.as_posix()}\t{mtime}".encode())
+        hasher.update(f"resize{self.resize_to}".encode())
+        hasher.update(self.targets.astype("<i8").tobytes())
+
 
 # ----------------------------------------------------------------- ImageFolder
 _TRAILING_INT = re.compile(r"(\d+)$")

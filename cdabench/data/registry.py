@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cdabench import artifacts
 
 from . import layouts
 from .errors import DataError
 from .images import ImageSplit
 from .spec import DatasetSpec
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The constants of the official SRe2L CIFAR-100 scripts (squeeze_cifar.py, recover, relabel),
@@ -38,24 +42,43 @@ class RealData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, cache: Path | None = None) -> str:
         """sha256 hex identifying exactly which real data was loaded.
 
         Covers the name, working size, classes and, per split, every sample's
         identity (relative path + byte size for files, raw bytes for arrays)
         and target. Files are only stat'ed; the result is kept, since every
         stage's cache key asks for it (1.28 M stat calls on ImageNet).
+
+        `cache`: a folder where file-backed data keeps its fingerprint under the
+        key of one directory scan (`listing_key`): later runs, ranks and workers
+        read it instead of a stat of every file.
         """
         if self._fingerprint is not None:
             return self._fingerprint
+        if cache is not None and self.train.file_backed:
+            stored = Path(cache) / f"{self.listing_key()}.txt"
+            value = stored.read_text().strip() if stored.is_file() else ""
+            if not _HEX64.match(value):
+                value = self._hash(lambda split, hasher: split.update_hash(hasher))
+                artifacts.atomic_write_bytes(stored, value.encode())
+            self._fingerprint = value
+        else:
+            self._fingerprint = self._hash(lambda split, hasher: split.update_hash(hasher))
+        return self._fingerprint
+
+    def listing_key(self) -> str:
+        """sha256 hex of what one scan of the dataset's directories sees (ImageSplit.update_listing_hash)."""
+        return self._hash(lambda split, hasher: split.update_listing_hash(hasher))
+
+    def _hash(self, feed) -> str:
         hasher = hashlib.sha256()
         header = {"name": self.spec.name, "image_size": self.image_size, "classes": self.classes}
         hasher.update(json.dumps(header, sort_keys=True).encode())
         for split_name, split in (("train", self.train), ("test", self.test)):
             hasher.update(f"\n{split_name}\n".encode())
-            split.update_hash(hasher)
-        self._fingerprint = hasher.hexdigest()
-        return self._fingerprint
+            feed(split, hasher)
+        return hasher.hexdigest()
 
 
 _IMAGEFOLDER_TREES = (

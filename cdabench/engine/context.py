@@ -135,11 +135,14 @@ def open_context(task: Task, data_root: str | None, device: str = "auto", cache:
     check_precision(task.precision, dev)
     group = init_process_group(dev)
     data = create_dataset(task.dataset, data_root, task.image_size)
-    if group.world > 1:  # one stat of every file (rank 0's), not one per rank
-        data._fingerprint = group.broadcast(data.fingerprint() if group.is_main else None)
+    cache_dir = Path(cache) if cache else default_cache_dir()
+    # Rank 0 alone computes the fingerprint, from the cache when one directory scan finds the same
+    # files as a run before (else with a stat of every file, kept for the next run and workers).
+    fingerprint = data.fingerprint(cache_dir / "fingerprints") if group.is_main else None
+    if group.world > 1:
+        data._fingerprint = group.broadcast(fingerprint)
     fit_idx, heldout_idx = stratified_holdout(np.asarray(data.train.targets), per_class=task.holdout_per_class,
                                               fraction=task.holdout_fraction, seed=task.split_seed)
-    cache_dir = Path(cache) if cache else default_cache_dir()
     return Context(task, data, data.train.subset(fit_idx), data.train.subset(heldout_idx), dev, cache_dir, group)
 
 
