@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from cdabench import artifacts, progress
 
 from .errors import DataError
+from .resources import check_free_space
 from .images import ImageSplit
 
 FORMAT_VERSION = 1
@@ -56,18 +56,6 @@ def prepared_bytes(n: int, shape: tuple[int, int, int]) -> int:
     return n * int(np.prod(shape))
 
 
-def check_free_space(folder: Path, needed: int, what: str, fix: str = "") -> None:
-    """Refuse before writing `needed` bytes under `folder` when the disk has less free (with 5 %
-    headroom), naming the sizes and the fix."""
-    probe = Path(folder)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed * 1.05 > free:
-        raise DataError(f"{what} needs {needed / 2**30:.1f} GiB but {probe} has {free / 2**30:.1f} GiB free: "
-                        f"free disk space, or point --cache-dir / $CDABENCH_CACHE at a larger disk{fix}")
-
-
 def _fill(part: ImageSplit, path: str, start: int) -> int:
     """Decode the images of `part` into rows start.. of the array at `path` (run in a worker
     process; `part` is a subset, so a worker is not sent the whole list of files)."""
@@ -84,7 +72,8 @@ def build_prepared(split: ImageSplit, folder: Path, fingerprint: str, shape: tup
     folder/images.npy, in `workers` spawned processes (0: here). Returns the meta written."""
     folder = Path(folder)
     n = len(split)
-    check_free_space(folder, prepared_bytes(n, shape), f"the prepared cache of {n} images at {shape}")
+    check_free_space(folder, prepared_bytes(n, shape), f"the prepared cache of {n} images at {shape}",
+                     "free disk space, or point --cache-dir / $CDABENCH_CACHE at a larger disk")
     folder.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=folder, prefix=".images.", suffix=".npy.partial")
     os.close(fd)

@@ -14,6 +14,7 @@ import torch
 from cdabench import artifacts, progress
 from cdabench.config import ConfigError, load_method, recover_config, split_settings
 from cdabench.data import DataError, load_imagefolder
+from cdabench.data.resources import check_free_memory, check_images_on_disk
 from cdabench.distill.recover import image_relpath, run_recover
 from cdabench.distill.select import select_herding, select_random
 from cdabench.distill.squeeze import Teacher, get_teacher
@@ -71,6 +72,9 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
     if (out / MANIFEST).exists():  # finished earlier with the same configuration: nothing to do
         return artifacts.read_json(out / MANIFEST)
     if ctx.group.is_main:
+        if not full:  # before anything is written: the set's disk, printed and checked
+            check_images_on_disk(out, ipc * ctx.num_classes, ctx.shape, rconfig.image_format if rconfig else "png",
+                                 f"distill {method.name} ipc {ipc}")
         artifacts.atomic_write_json(out / "distill.json", run_config)
     ctx.group.barrier()
     start = time.perf_counter()
@@ -171,6 +175,9 @@ def load_distilled(ctx: Context, data_dir: str | Path) -> tuple[object, dict]:
     if manifest is not None:
         _verify_files(folder, manifest["files"])
     split, _ = load_imagefolder(folder, ctx.shape[0], classes=ctx.classes)
+    # The set is held in memory as uint8 at the working size (and its float batches on the device).
+    check_free_memory(len(split) * ctx.shape[0] * ctx.shape[1] * ctx.shape[2], f"the distilled set in {folder}",
+                      "free memory, or evaluate a smaller set")
     images = split.load_all()
     if tuple(images.shape[1:]) != ctx.shape:
         raise DataError(f"distilled images in {folder} are {tuple(images.shape[1:])} (C, H, W) but task "

@@ -12,7 +12,6 @@ Every source exposes the same three calls used by train.train_model: `epoch_orde
 from __future__ import annotations
 
 import io
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdabench import artifacts, progress
-from cdabench.data import DataError
-from cdabench.data.prepared import check_free_space
+from cdabench.data.resources import check_free_memory, check_free_space
 from cdabench.engine.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
                               sample_aug_params)
 from cdabench.engine.runtime import ProcessGroup, autocast
@@ -210,12 +208,10 @@ def check_label_store_size(root: Path, images: int, classes: int, config: LabelS
     kept = f"top-{config.topk} logits" if config.topk else f"all {classes} logits"
     progress.log(f"label store: {images} images x {epochs} epochs, {kept}: {total / 2**30:.2f} GiB -> {root}")
     check_free_space(root, total, "the label store",
-                     "" if config.topk else ", or keep only the top-k logits ([posttrain.kd] topk = 100)")
+                     "free disk space, or point --cache-dir / $CDABENCH_CACHE at a larger disk"
+                     + ("" if config.topk else ", or keep only the top-k logits ([posttrain.kd] topk = 100)"))
     one_epoch = images * classes * 4  # fp32 logits of one epoch, then its fp16 copy
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
-    if available is not None and one_epoch > available:
-        raise DataError(f"one relabel epoch holds {one_epoch / 2**30:.1f} GiB of logits in memory but "
-                        f"{available / 2**30:.1f} GiB is available: free memory, or relabel a smaller set")
+    check_free_memory(one_epoch, "one relabel epoch's logits", "free memory, or relabel a smaller set")
 
 
 @torch.no_grad()
