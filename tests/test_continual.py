@@ -369,7 +369,7 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
     assert len(records.read_records(out / "records.jsonl")) == 15       # nothing ran again
 
     for r in rows:
-        assert r["continual"] is True and r["steps"] == 5 and len(r["class_order"]) == 10
+        assert r["kind"] == "continual" and r["steps"] == 5 and len(r["class_order"]) == 10
         assert len(r["accuracy_matrix"]) == 5 and len(r["seen_accuracy"]) == 5
         assert r["top1"] == r["final_accuracy"] == r["seen_accuracy"][-1]
         assert {"forgetting", "bwt", "masked", "protocol", "strategy", "memory", "student"} <= set(r)
