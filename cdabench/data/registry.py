@@ -86,144 +86,155 @@ _IMAGEFOLDER_TREES = (
     "folders in both (validation images already sorted into class folders)"
 )
 
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            name="digits",
-            layout=(
-                "nothing: scikit-learn's bundled load_digits() (1797 8x8 images, classes '0'..'9') "
-                "with a fixed stratified 80/20 train/test split (random_state=0); --data-root is ignored"
-            ),
-            image_size=8,
-            channels=1,
-            # Pixel mean/std of the 1437 train images scaled to [0, 1] at 8 px,
-            # computed once with numpy and rounded to 4 decimals.
-            mean=(0.3054,),
-            std=(0.3760,),
-            fixed_size=True,
-            needs_root=False,
-            loader=layouts.load_digits_split,
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset to the registry (create_dataset is the one factory); a name already
+    registered is refused."""
+    if spec.name in DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is already registered ({DATASETS[spec.name].layout[:60]}...): "
+                         "pick another name")
+    DATASETS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    DatasetSpec(
+        name="digits",
+        layout=(
+            "nothing: scikit-learn's bundled load_digits() (1797 8x8 images, classes '0'..'9') "
+            "with a fixed stratified 80/20 train/test split (random_state=0); --data-root is ignored"
         ),
-        DatasetSpec(
-            name="cifar10",
-            layout=(
-                "<root>/cifar-10-batches-py/ (or --data-root pointing at that folder) holding the python "
-                "pickles data_batch_1 .. data_batch_5, test_batch and batches.meta, as extracted from "
-                "cifar-10-python.tar.gz"
-            ),
-            image_size=32,
-            channels=3,
-            mean=CIFAR_MEAN,
-            std=CIFAR_STD,
-            fixed_size=True,
-            needs_root=True,
-            loader=layouts.load_cifar10,
+        image_size=8,
+        channels=1,
+        # Pixel mean/std of the 1437 train images scaled to [0, 1] at 8 px,
+        # computed once with numpy and rounded to 4 decimals.
+        mean=(0.3054,),
+        std=(0.3760,),
+        fixed_size=True,
+        needs_root=False,
+        loader=layouts.load_digits_split,
+    ),
+    DatasetSpec(
+        name="cifar10",
+        layout=(
+            "<root>/cifar-10-batches-py/ (or --data-root pointing at that folder) holding the python "
+            "pickles data_batch_1 .. data_batch_5, test_batch and batches.meta, as extracted from "
+            "cifar-10-python.tar.gz"
         ),
-        DatasetSpec(
-            name="cifar100",
-            layout=(
-                "<root>/cifar-100-python/ (or --data-root pointing at that folder) holding the python "
-                "pickles train, test and meta, as extracted from cifar-100-python.tar.gz"
-            ),
-            image_size=32,
-            channels=3,
-            mean=CIFAR_MEAN,
-            std=CIFAR_STD,
-            fixed_size=True,
-            needs_root=True,
-            loader=layouts.load_cifar100,
+        image_size=32,
+        channels=3,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        fixed_size=True,
+        needs_root=True,
+        loader=layouts.load_cifar10,
+    ),
+    DatasetSpec(
+        name="cifar100",
+        layout=(
+            "<root>/cifar-100-python/ (or --data-root pointing at that folder) holding the python "
+            "pickles train, test and meta, as extracted from cifar-100-python.tar.gz"
         ),
-        DatasetSpec(
-            name="mnist",
-            layout=(
-                "the IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
-                "and t10k-labels-idx1-ubyte (each may be gzipped, name + '.gz') directly in <root>, in "
-                "<root>/raw, or in <root>/MNIST/raw (torchvision's layout)"
-            ),
-            image_size=28,
-            channels=1,
-            mean=(0.1307,),
-            std=(0.3081,),
-            fixed_size=True,
-            needs_root=True,
-            loader=layouts.load_mnist,
+        image_size=32,
+        channels=3,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        fixed_size=True,
+        needs_root=True,
+        loader=layouts.load_cifar100,
+    ),
+    DatasetSpec(
+        name="mnist",
+        layout=(
+            "the IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+            "and t10k-labels-idx1-ubyte (each may be gzipped, name + '.gz') directly in <root>, in "
+            "<root>/raw, or in <root>/MNIST/raw (torchvision's layout)"
         ),
-        DatasetSpec(
-            name="fashion-mnist",
-            layout=(
-                "the IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
-                "and t10k-labels-idx1-ubyte (each may be gzipped, name + '.gz') directly in <root>, in "
-                "<root>/raw, or in <root>/FashionMNIST/raw (torchvision's layout)"
-            ),
-            image_size=28,
-            channels=1,
-            mean=(0.2860,),
-            std=(0.3530,),
-            fixed_size=True,
-            needs_root=True,
-            loader=layouts.load_fashion_mnist,
+        image_size=28,
+        channels=1,
+        mean=(0.1307,),
+        std=(0.3081,),
+        fixed_size=True,
+        needs_root=True,
+        loader=layouts.load_mnist,
+    ),
+    DatasetSpec(
+        name="fashion-mnist",
+        layout=(
+            "the IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+            "and t10k-labels-idx1-ubyte (each may be gzipped, name + '.gz') directly in <root>, in "
+            "<root>/raw, or in <root>/FashionMNIST/raw (torchvision's layout)"
         ),
-        DatasetSpec(
-            name="tiny-imagenet",
-            layout=(
-                "<root>/tiny-imagenet-200/ (or --data-root pointing at that folder) as extracted from "
-                "tiny-imagenet-200.zip: wnids.txt (the 200 wnids; classes are numbered in sorted wnid order, not "
-                "the file's line order), "
-                "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
-                "(tab-separated: filename, wnid, bounding box)"
-            ),
-            image_size=64,
-            channels=3,
-            mean=(0.4802, 0.4481, 0.3975),
-            std=(0.2302, 0.2265, 0.2262),
-            fixed_size=True,
-            needs_root=True,
-            loader=layouts.load_tiny_imagenet,
+        image_size=28,
+        channels=1,
+        mean=(0.2860,),
+        std=(0.3530,),
+        fixed_size=True,
+        needs_root=True,
+        loader=layouts.load_fashion_mnist,
+    ),
+    DatasetSpec(
+        name="tiny-imagenet",
+        layout=(
+            "<root>/tiny-imagenet-200/ (or --data-root pointing at that folder) as extracted from "
+            "tiny-imagenet-200.zip: wnids.txt (the 200 wnids; classes are numbered in sorted wnid order, not "
+            "the file's line order), "
+            "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
+            "(tab-separated: filename, wnid, bounding box)"
         ),
-        DatasetSpec(
-            name="imagenet-1k",
-            layout=(
-                "ImageFolder trees <root>/train/<wnid>/*.JPEG (1000 class folders) and "
-                "<root>/val/<wnid>/*.JPEG with the same class folders; the 50,000 validation images "
-                "must already be moved into class folders (e.g. with the usual valprep.sh script)"
-            ),
-            image_size=224,
-            channels=3,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            fixed_size=False,
-            needs_root=True,
-            loader=layouts.load_train_val_folders,
+        image_size=64,
+        channels=3,
+        mean=(0.4802, 0.4481, 0.3975),
+        std=(0.2302, 0.2265, 0.2262),
+        fixed_size=True,
+        needs_root=True,
+        loader=layouts.load_tiny_imagenet,
+    ),
+    DatasetSpec(
+        name="imagenet-1k",
+        layout=(
+            "ImageFolder trees <root>/train/<wnid>/*.JPEG (1000 class folders) and "
+            "<root>/val/<wnid>/*.JPEG with the same class folders; the 50,000 validation images "
+            "must already be moved into class folders (e.g. with the usual valprep.sh script)"
         ),
-        DatasetSpec(
-            name="imagenet-21k",
-            layout=(
-                "ImageNet-21K-P as ImageFolder trees " + _IMAGEFOLDER_TREES
-                + " (the release's imagenet21k_train / imagenet21k_val folder names are accepted too)"
-            ),
-            image_size=224,
-            channels=3,
-            # ImageNet-21K-P models take [0, 1] inputs without normalisation.
-            mean=(0.0, 0.0, 0.0),
-            std=(1.0, 1.0, 1.0),
-            fixed_size=False,
-            needs_root=True,
-            loader=layouts.load_imagenet21k,
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        fixed_size=False,
+        needs_root=True,
+        loader=layouts.load_train_val_folders,
+    ),
+    DatasetSpec(
+        name="imagenet-21k",
+        layout=(
+            "ImageNet-21K-P as ImageFolder trees " + _IMAGEFOLDER_TREES
+            + " (the release's imagenet21k_train / imagenet21k_val folder names are accepted too)"
         ),
-        DatasetSpec(
-            name="imagefolder",
-            layout="any ImageFolder trees " + _IMAGEFOLDER_TREES + "; classes are the sorted train folder names",
-            image_size=224,
-            channels=3,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            fixed_size=False,
-            needs_root=True,
-            loader=layouts.load_train_val_folders,
-        ),
-    )
-}
+        image_size=224,
+        channels=3,
+        # ImageNet-21K-P models take [0, 1] inputs without normalisation.
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        fixed_size=False,
+        needs_root=True,
+        loader=layouts.load_imagenet21k,
+    ),
+    DatasetSpec(
+        name="imagefolder",
+        layout="any ImageFolder trees " + _IMAGEFOLDER_TREES + "; classes are the sorted train folder names",
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        fixed_size=False,
+        needs_root=True,
+        loader=layouts.load_train_val_folders,
+    ),
+):
+    register_dataset(_spec)
 
 
 def list_datasets() -> list[str]:
