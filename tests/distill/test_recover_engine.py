@@ -20,8 +20,8 @@ from cdabench.distill.recover import (ImageWriter, RecoverConfig, freeze, group_
 from cdabench.engine.runtime import ProcessGroup, bf16_supported
 from cdabench.schema import CropSchedule
 
-from .conftest import make_tiny_bn_net
-from .interrupt import bars_seen, interrupt_at
+from tests.conftest import make_tiny_bn_net
+from tests.interrupt import bars_seen, interrupt_at
 
 MEAN, STD = (0.5,), (0.25,)
 CPU = torch.device("cpu")
@@ -306,7 +306,7 @@ def test_gpu_script_dry_run_on_cpu(capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_recover.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_recover.py"
     spec = importlib.util.spec_from_file_location("gpu_recover", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

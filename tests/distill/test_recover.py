@@ -16,8 +16,8 @@ from cdabench.distill.recover import cosine_lr, freeze, plan_shards, recover_bat
 from cdabench.engine.augment import crop_resize, sample_crop_box
 from cdabench.schema import CropSchedule, RecoverConfig
 
-from .conftest import make_tiny_bn_net
-from .interrupt import interrupt_at
+from tests.conftest import make_tiny_bn_net
+from tests.interrupt import interrupt_at
 
 MEAN, STD = (0.5,), (0.25,)
 

@@ -25,7 +25,7 @@ from cdabench.engine.context import open_context
 from cdabench.engine.models import create_model, penultimate_features
 from cdabench.evaluate.posttrain import evaluate
 
-from .fixtures import make_imagefolder
+from tests.fixtures import make_imagefolder
 
 DIGITS = [str(d) for d in range(10)]
 IPC = 2

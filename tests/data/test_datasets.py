@@ -506,7 +506,7 @@ def _read_dataset_table() -> dict[str, dict]:
     """The rows of the table under DATASET_TABLE_HEADING in docs/methods.md, by dataset name."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
     assert DATASET_TABLE_HEADING in text, f"docs/methods.md lacks the section {DATASET_TABLE_HEADING!r}"
     section = text.split(DATASET_TABLE_HEADING, 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]

@@ -43,7 +43,7 @@ from tests.fixtures import make_tiny_imagenet
 from tests.interrupt import interrupt_at
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUDENT = "test_resnet"   # timm's 0.37 M-parameter ResNet: ~10x cheaper per step than ResNet-18 at 8 px
 
 TINY_TASK = """
