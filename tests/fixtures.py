@@ -1,24 +1,283 @@
-"""Tiny datasets written at test time in the exact official on-disk layouts.
+"""The test suite's one set of helpers (the pytest fixtures built on them are in conftest.py).
 
-Everything is produced with the real encoders (PIL for JPEG/PNG, Python 2-style pickles for
-CIFAR, struct-packed IDX bytes, gzip) so the loaders read what they would read
-from a real download. Pixels encode the class (see `class_colour` /
-`class_gray`) so tests can prove the label mapping, and one marker pixel at
-row 0, column 1 proves the axis order of array datasets.
+- Tiny tasks and suites: TINY_TASK_TOML is the one base task; `tiny_task_file` writes it, or a
+  variant of it by overrides, for the CLI and the Python API alike; `suite_file` writes a suite
+  on such a task the same way (TINY_SUITE, TINY_CONTINUAL_SUITE).
+- `child_env`: the environment of every process a test starts (one thread, this checkout first).
+- Tiny networks: a seeded BN CNN for the recover and relabel tests.
+- Killing a run part-way as Ctrl-C would (`interrupt_at`), and watching progress bars (`bars_seen`).
+- Tiny datasets written at test time in the exact official on-disk layouts. Everything is
+  produced with the real encoders (PIL for JPEG/PNG, Python 2-style pickles for CIFAR,
+  struct-packed IDX bytes, gzip) so the loaders read what they would read from a real download.
+  Pixels encode the class (see `class_colour` / `class_gray`) so tests can prove the label
+  mapping, and one marker pixel at row 0, column 1 proves the axis order of array datasets.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
+import json
+import os
 import pickle
+import random
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tomli_w
+import torch
 from PIL import Image
+from torch import nn
 
+from cdabench import progress, records
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------ tiny tasks and suites
+# cdabench/builtin/tasks/digits.toml (ResNet-18 at 8 px) shrunk for a 2-core CPU: teacher 3 epochs,
+# recover 5 iterations, post-train 2 epochs, IPC 2. Every tiny task of the tests is this one, or
+# this one with some settings overridden (`tiny_task_file`); tasks that keep its [teacher] table
+# share the teacher the session trains once (conftest.py: `tiny_teacher`, `private_cache`).
+TINY_TASK_TOML = """\
+description = "cdabench/builtin/tasks/digits.toml shrunk for the test suite"
+dataset = "digits"
+image_size = 8
+ipcs = [2]
+holdout_fraction = 0.1
+split_seed = 0
+
+# 3 epochs reach ~99 % held-out top-1 without augmentation (with the task's crop + flip they
+# stay near 30 %, below the class-order guard's 50 %).
+[teacher]
+model = "resnet18"
+epochs = 3
+batch_size = 64
+optimizer = "sgd"
+lr = 0.05
+momentum = 0.9
+weight_decay = 5e-4
+warmup_epochs = 0
+schedule = "cosine"
+augment = { crop = "none", flip = false }
+
+[recover.sre2l]
+iterations = 5
+lr = 0.25
+r_bn = 0.01
+batch_size = 100
+jitter = 1
+
+[recover.cda]
+iterations = 5
+lr = 0.25
+r_bn = 0.01
+batch_size = 100
+jitter = 1
+
+[posttrain.recipe]
+epochs = 2
+batch_size = 50
+optimizer = "adamw"
+lr = 0.001
+weight_decay = 0.01
+decay_matrices_only = true
+schedule = "cosine"
+augment = { crop = "rrc", min_scale = 0.25, flip = true }
+
+[posttrain.kd]
+mode = "online"
+temperature = 4.0
+t_squared = true
+"""
+
+# A cross-arch suite on a tiny task: CDA and random real images, ResNet-18, random also with hard
+# labels, one seed (3 cells).
+TINY_SUITE = {"methods": ["cda", "random"], "students": ["resnet18"], "hard_label_methods": ["random"],
+              "seeds": [0]}
+
+# A continual suite on a tiny task: every retrain memory (CDA also unmasked) and every strategy,
+# 5 steps, timm's 0.37 M-parameter test_resnet as the student.
+TINY_CONTINUAL_SUITE = {
+    "kind": "continual", "steps": [5], "memories": ["random", "herding", "cda", "sre2l"], "unmasked": ["cda"],
+    "strategies": ["naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace"], "student": "test_resnet",
+    "retrain_epochs": 3, "sequential": {"epochs": 1, "lr": 0.003},
+}
+
+
+def override(settings: dict, overrides: dict | None = None, **more) -> dict:
+    """A deep copy of `settings` with each override applied. A key is a dotted path
+    ("teacher.epochs", "recover.cda", "posttrain.recipe.augment"); its value replaces whatever was
+    there (a whole table, if it names one), and None removes the key (which must exist)."""
+    settings = copy.deepcopy(settings)
+    for key, value in {**(overrides or {}), **more}.items():
+        *parents, leaf = key.split(".")
+        table = settings
+        for name in parents:
+            table = table.setdefault(name, {})
+        if value is None:
+            if leaf not in table:
+                raise KeyError(f"cannot remove {key!r}: the settings have no such key")
+            del table[leaf]
+        else:
+            table[leaf] = copy.deepcopy(value)
+    return settings
+
+
+def tiny_task(overrides: dict | None = None, **more) -> dict:
+    """The base tiny task's settings (TINY_TASK_TOML) with overrides (see `override`)."""
+    return override(tomllib.loads(TINY_TASK_TOML), overrides, **more)
+
+
+def write_toml(path: Path, settings: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(settings))
+    return path
+
+
+def tiny_task_file(path: Path, overrides: dict | None = None, **more) -> Path:
+    """Write the base tiny task, or a variant of it, to `path` (the task's name is the file's stem):
+    tiny_task_file(p) is TINY_TASK_TOML; tiny_task_file(p, {"teacher.epochs": 4}, ipcs=[4]) a variant."""
+    return write_toml(path, tiny_task(overrides, **more))
+
+
+def suite_file(path: Path, task, overrides: dict | None = None, *, base: dict = TINY_SUITE, **more) -> Path:
+    """Write a suite on `task` (a task name or the path of a task file) to `path` (the suite's name
+    is the file's stem): `base` (TINY_SUITE, TINY_CONTINUAL_SUITE, or {}) with overrides."""
+    task = task.as_posix() if isinstance(task, Path) else str(task)
+    return write_toml(path, override({"task": task, **base}, overrides, **more))
+
+
+# ------------------------------------------------------------------------ processes and the command line
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts (a CLI run, torchrun, a script): one thread, as in
+    this process (conftest.py), and this checkout's cdabench first on the path; `extra` on top."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in this process; return its exit code and everything it printed,
+    whitespace-normalised (rich wraps long messages at the console width)."""
+    from cdabench.cli import main
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+def squeezed(text: str) -> str:
+    """The text without any whitespace: rich may fold a long path in the middle."""
+    return "".join(text.split())
+
+
+# ------------------------------------------------------------------------ records
+# Hand-made cross-arch records for the tests of reports, leaderboards and checks.
+STUDENTS = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
+
+
+def make_record(method: str, ipc, student: str, seed: int, top1: float, labels: str = "soft", task: str = "digits") -> dict:
+    record = {
+        "schema_version": records.SCHEMA_VERSION, "task": task, "dataset": task, "method": method, "ipc": ipc,
+        "student": student, "labels": labels, "label_protocol": "online-kd" if labels == "soft" else "hard",
+        "seed": seed, "top1": top1, "top5": min(100.0, top1 + 5), "heldout_top1": top1, "epochs": 10,
+        "num_images": 100, "image_bytes": 8000, "label_bytes": 0, "teacher_forwards": 1000,
+        "seconds": {"recover": 1.0, "posttrain": 2.0}, "device": "cpu:test", "command": "cdabench run --suite t",
+        "versions": {"cdabench": "0.1.0", "torch": "2.14.1", "timm": "1.0.31"},
+        "hashes": {"images": "x", "labels": None, "teacher": "t", "eval_config": "e", "classes": "c"},
+    }
+    record["record_hash"] = records.record_id(record)
+    return record
+
+
+def write_records(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return folder
+
+
+def grid_records(shift: dict | None = None) -> list[dict]:
+    base = {"cda": 80.0, "sre2l": 75.0, "random": 85.0, "herding": 84.0}
+    rows = []
+    for method, acc in base.items():
+        for k, student in enumerate(STUDENTS):
+            for seed in (0, 1):
+                rows.append(make_record(method, 10, student, seed, acc - k + seed + (shift or {}).get(method, 0.0)))
+    rows += [make_record("full", None, s, seed, 98.0) for s in STUDENTS for seed in (0, 1)]
+    return rows
+
+
+
+# ------------------------------------------------------------------------ global random state
+def global_rng_states():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def assert_same_rng(before):
+    after = global_rng_states()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
+
+# ------------------------------------------------------------------------ tiny networks
+class TinyBNNet(nn.Sequential):
+    """Two conv + BatchNorm2d blocks, global pooling and a linear head."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 3, width: int = 4):
+        super().__init__(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+def make_tiny_bn_net(in_chans: int = 1, num_classes: int = 3, seed: int = 0, size: int = 8) -> nn.Module:
+    """A seeded tiny BN CNN in eval mode whose running statistics are not the defaults."""
+    torch.manual_seed(seed)
+    net = TinyBNNet(in_chans, num_classes)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(16, in_chans, size, size) * 2 - 0.5)
+    return net.eval()
+
+
+# ------------------------------------------------------------------------ interrupting a run
+# Killing a run part-way, as Ctrl-C would: a progress listener (cdabench.progress.listen) raises
+# KeyboardInterrupt from inside the stage, at the point where its own bar reports the unit of work
+# (a suite's cell, a recover step) that the test names. The tests of resuming use it; production
+# code has no parameter for it.
+@contextmanager
+def interrupt_at(bar: str, units: int):
+    """KeyboardInterrupt from the `advance` that brings a bar whose description starts with `bar`
+    to `units` units done (a suite's bar counts cells, "recover" counts shard steps)."""
+    def listener(b: progress.Bar) -> None:
+        if b.description.startswith(bar) and b.done >= units:
+            raise KeyboardInterrupt(f"interrupted at {b.done}/{b.total} of {b.description!r}")
+    with progress.listen(listener):
+        yield
+
+
+@contextmanager
+def bars_seen():
+    """{description: (done, total)} of every bar that advanced inside the block."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def listener(b: progress.Bar) -> None:
+        seen[b.description] = (b.done, b.total)
+    with progress.listen(listener):
+        yield seen
+
+
+# ------------------------------------------------------------------------ tiny datasets
 CIFAR10_NAMES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]

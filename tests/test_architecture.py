@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import REPO
+
 
 
 def lint_imports(package_parent: Path) -> subprocess.CompletedProcess:

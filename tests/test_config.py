@@ -1,24 +1,20 @@
-"""Per-student protocols and the model adaptations they name: TOML overrides resolve as declared
-(the shared recipe, a student's own settings, the `full` baseline's), the small-image strides and
-patches give the feature maps the docs promise, and the fused optimiser does the textbook update."""
+"""Configuration (cdabench/config.py): per-student protocols resolve as declared (the shared recipe,
+a student's own settings, the `full` baseline's, equal steps across IPCs); unknown keys and method
+files that take a packaged name are refused; the papers' tasks' precision and the shrunk digits
+task's methods; the held-out split set from the command line."""
 from __future__ import annotations
 
-import math
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from cdabench.config import ConfigError, load_method, load_task
-from cdabench.engine.models import MODELS, create_model, describe_adaptation, mobilenetv2_stride1_stages, register_model
-from cdabench.engine.train import make_optimizer
-from cdabench.schema import TrainRecipe
-
-REPO = Path(__file__).resolve().parents[1]
+from cdabench.config import ConfigError, load_method, load_task, recover_config
+from tests.fixtures import REPO, make_tiny_imagenet, run_cli
 
 TASK = """\
 dataset = "digits"
@@ -112,65 +108,6 @@ def test_the_embedded_default_sets_every_panel_student():
     assert pt.recipe_for("deit_tiny").patch_size == 4
 
 
-@pytest.mark.parametrize("size, stages, side", [(8, [1, 2], 2), (16, [1], 2), (32, [], 2), (64, [], 4)])
-def test_mobilenetv2_keeps_a_2x2_last_map(size, stages, side):
-    assert mobilenetv2_stride1_stages(size) == stages
-    model = create_model("mobilenetv2", 10, 1, size).eval()
-    with torch.no_grad():
-        assert model.forward_features(torch.zeros(1, 1, size, size)).shape[-2:] == (side, side)
-    assert describe_adaptation("mobilenetv2", size).endswith(f"stride-1 stages {stages}" if stages else "stride-1 stem")
-
-
-def test_deit_patch_size():
-    assert create_model("deit_tiny", 10, 1, 8).patch_embed.grid_size == (8, 8)           # the registry's default
-    assert create_model("deit_tiny", 10, 1, 8, patch_size=4).patch_embed.grid_size == (2, 2)
-    assert describe_adaptation("deit_tiny", 8, 4) == "deit_tiny_patch16_224, img_size 8, patch 4"
-    with pytest.raises(ValueError, match="does not divide the image size 8"):
-        create_model("deit_tiny", 10, 1, 8, patch_size=3)
-    with pytest.raises(ValueError, match="no patches; only deit_tiny"):
-        create_model("resnet18", 10, 1, 8, patch_size=4)
-
-
-def test_fused_adamw_step_equals_the_formula():
-    """First AdamW step: m = (1-b1) g, v = (1-b2) g^2, bias-corrected to g and g^2, so
-    p <- p (1 - lr wd) - lr g / (|g| + eps); decay only on matrices (decay_matrices_only)."""
-    lin = torch.nn.Linear(2, 1)
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, -2.0]]))
-        lin.bias.fill_(0.5)
-    recipe = TrainRecipe(optimizer="adamw", lr=0.1, weight_decay=0.2, decay_matrices_only=True)
-    opt = make_optimizer(lin, recipe)
-    lin.weight.grad = torch.tensor([[0.3, -0.04]])
-    lin.bias.grad = torch.tensor([2.0])
-    opt.step()
-    eps = 1e-8
-    want_w = [1.0 * (1 - 0.1 * 0.2) - 0.1 * 0.3 / (0.3 + eps), -2.0 * (1 - 0.1 * 0.2) + 0.1 * 0.04 / (0.04 + eps)]
-    assert lin.weight.detach().view(-1).tolist() == pytest.approx(want_w, abs=1e-6)
-    assert lin.bias.item() == pytest.approx(0.5 - 0.1 * 1.0, abs=1e-6)   # no decay on the bias
-    assert math.isclose(opt.param_groups[1]["weight_decay"], 0.0)
-
-
-def test_fused_sgd_step_equals_the_formula():
-    """SGD with momentum, first step: buf = g + wd p, p <- p - lr buf."""
-    lin = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        lin.weight.fill_(2.0)
-    opt = make_optimizer(lin, TrainRecipe(optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=0.1))
-    lin.weight.grad = torch.tensor([[1.0]])
-    opt.step()
-    assert lin.weight.item() == pytest.approx(2.0 - 0.5 * (1.0 + 0.1 * 2.0))
-    lin.weight.grad = torch.tensor([[1.0]])
-    opt.step()  # buf = 0.9 * 1.2 + (1 + 0.1 * 1.4) = 2.22
-    assert lin.weight.item() == pytest.approx(1.4 - 0.5 * 2.22)
-
-
-def test_the_model_registry_refuses_a_second_entry_of_a_name():
-    entry = MODELS["resnet18"]
-    with pytest.raises(ValueError, match=r"model 'resnet18' is already registered \(timm ResNet.*pick another name"):
-        register_model("resnet18", "resnet34", "another resnet18", lambda timm_name, size: timm_name)(lambda *args: None)
-    assert MODELS["resnet18"] is entry
-
-
 def test_a_method_file_that_takes_a_packaged_name_is_refused(tmp_path):
     """Records name their method: a user's file may not reuse a packaged method's name."""
     select = 'kind = "select"\nstrategy = "random"\n'
@@ -196,3 +133,81 @@ def test_two_packaged_methods_of_one_name_are_refused(tmp_path):
     assert done.returncode != 0
     assert "two methods are named 'cda': cdabench/config.py (CDA) and " in done.stderr
     assert "builtin/baselines/cda.toml; rename one" in done.stderr
+
+
+def test_papers_tasks_default_to_fp32():
+    for name in ("tiny-imagenet", "imagenet-1k", "imagenet-21k", "cifar100"):
+        assert load_task(name).precision == "fp32"
+
+
+# -------------------------------------------------------------- the task
+def test_digits_task_shrinks_and_resolves_methods():
+    task = load_task("digits")
+    small = dataclasses.replace(
+        task, teacher=dataclasses.replace(task.teacher, epochs=3),
+        recover={k: dataclasses.replace(v, iterations=5) for k, v in task.recover.items()},
+        posttrain=dataclasses.replace(task.posttrain, recipe=dataclasses.replace(task.posttrain.recipe, epochs=2)))
+    assert small.teacher.epochs == 3 and small.posttrain.recipe_for("resnet18").epochs == 2
+    cda, sre2l = recover_config(small, load_method("cda")), recover_config(small, load_method("sre2l"))
+    assert cda.iterations == sre2l.iterations == 5
+    assert (cda.crop.kind, cda.crop.milestone) == ("cosine", 1.0)     # the papers' CDA runs
+    assert (sre2l.crop.kind, sre2l.crop.min_scale) == ("fixed", 0.08)
+    assert (cda.lr, cda.r_bn, cda.first_bn_multiplier) == (0.25, 0.01, 10.0)
+    assert load_method("random").kind == "select" and load_method("herding").strategy == "herding"
+
+
+def test_holdout_options_take_effect_from_the_command_line(capsys, tmp_path):
+    make_tiny_imagenet(tmp_path / "data", per_class=3, val_per_class=1)
+    task = tmp_path / "tiny8.toml"  # the shipped task's split: 10 held-out images per class
+    task.write_text('dataset = "tiny-imagenet"\nimage_size = 8\nholdout_per_class = 10\n')
+    common = ["distill", "--task", str(task), "--data-root", str(tmp_path / "data"), "--method", "random",
+              "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+
+    code, text = run_cli(capsys, [*common, "--ipc", "1", "--out", str(tmp_path / "a")])
+    assert code == 2 and "has only 3 images" in text
+    assert "--holdout-per-class N" in text and "--holdout-fraction F" in text
+
+    # 2 held out of 3 leaves 1 fit image per class; round(0.5 * 3) = 2 likewise.
+    for option in (["--holdout-per-class", "2"], ["--holdout-fraction", "0.5"]):
+        code, text = run_cli(capsys, [*common, *option, "--ipc", "2", "--out", str(tmp_path / "b")])
+        assert code == 2 and "IPC 2 is larger than class" in text and "(1 real training images" in text, option
+
+    code, _ = run_cli(capsys, [*common, "--holdout-per-class", "1", "--ipc", "2", "--out", str(tmp_path / "c")])
+    assert code == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert len(manifest["selection"]) == 200 and all(len(v) == 2 for v in manifest["selection"].values())
+    # The same --out with another split is another distillation: refused, naming the split.
+    code, text = run_cli(capsys, [*common, "--holdout-fraction", "0.34", "--ipc", "2", "--out", str(tmp_path / "c")])
+    assert code == 2 and "differs in: split" in text
+
+    with pytest.raises(SystemExit):  # one or the other
+        run_cli(capsys, [*common, "--holdout-per-class", "1", "--holdout-fraction", "0.5", "--out", str(tmp_path / "d")])
+
+
+@pytest.mark.parametrize("command", [["distill", "--out", "x"], ["evaluate", "--data", "d", "--out", "x"],
+                                     ["run", "--suite", "s"], ["check", "--suite", "s"]])
+def test_every_command_that_opens_a_task_takes_the_holdout_options(command):
+    from cdabench.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--holdout-per-class", "3"])
+    assert (args.holdout_per_class, args.holdout_fraction) == (3, None)
+    args = build_parser().parse_args([*command, "--holdout-fraction", "0.25"])
+    assert (args.holdout_per_class, args.holdout_fraction) == (None, 0.25)
+
+
+def test_with_holdout_replaces_the_split_and_enters_the_cell_keys():
+    from cdabench.config import ConfigError, load_task, split_settings, with_holdout
+    from cdabench.harness.crossarch import Cell, cell_key
+
+    task = load_task("tiny-imagenet")
+    assert with_holdout(task) is task
+    changed = with_holdout(task, per_class=2)
+    assert (changed.holdout_per_class, changed.holdout_fraction) == (2, None)
+    by_fraction = with_holdout(task, fraction=0.1)
+    assert (by_fraction.holdout_per_class, by_fraction.holdout_fraction) == (None, 0.1)
+    for bad in ({"per_class": 0}, {"fraction": 1.0}, {"per_class": 1, "fraction": 0.5}):
+        with pytest.raises(ConfigError, match="--holdout"):
+            with_holdout(task, **bad)
+    cell = Cell(task.name, "full", None, "resnet18", "hard", 0)
+    keys = {cell_key(cell, "same-images", {}, None, split_settings(t)) for t in (task, changed, by_fraction)}
+    assert len(keys) == 3  # a full set's images hash is the data's: the split must enter the key

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +25,9 @@ from cdabench.engine.train import ImageBank, Normalizer
 from cdabench.evaluate.continual.retrain import run_retrain
 from cdabench.evaluate.continual.scenario import build_scenario, class_order
 
-from .conftest import TinyBNNet, make_tiny_bn_net
+from tests.fixtures import REPO, TinyBNNet, make_tiny_bn_net
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+DOCS = REPO / "docs" / "methods.md"
 PAPERS_TASKS = ("imagenet-1k", "tiny-imagenet", "cifar100", "imagenet-21k")
 
 

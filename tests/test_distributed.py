@@ -57,73 +57,8 @@ def test_torchrun_splits_shards_and_matches_single_process(tmp_path: Path):
 
 # --- launch safety -------------------------------------------------------------------------------
 
-def test_workers_strip_torchruns_environment():
-    from cdabench.engine.runtime import strip_launcher_env
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29500", "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_USE_AGENT_STORE": "True",
-           "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
-    removed = strip_launcher_env(env)
-    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
-    assert len(removed) == 9
-
-
-@pytest.mark.parametrize("local_rank, visible, index", [
-    (None, 1, 0), (None, 8, 0),      # plain process: the first visible device
-    (3, 8, 3), (0, 2, 0), (1, 2, 1),  # torchrun shows every GPU of the node: LOCAL_RANK picks one
-    (3, 1, 0), (7, 1, 0),            # the launcher shows one GPU per task: that one, whatever LOCAL_RANK says
-])
-def test_device_from_local_rank_only_when_that_many_are_visible(local_rank, visible, index):
-    from cdabench.engine.runtime import local_device_index
-    assert local_device_index(local_rank, visible) == index
-
-
-def test_more_ranks_than_visible_gpus_is_refused():
-    from cdabench.engine.runtime import local_device_index
-    with pytest.raises(RuntimeError, match="LOCAL_RANK is 2 but only 2 CUDA devices"):
-        local_device_index(2, 2)
-    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
-        local_device_index(0, 0)
-
-
-def test_cpu_workers_share_the_cpu():
-    import torch
-
-    from cdabench.engine.runtime import worker_devices
-    assert worker_devices(torch.device("cpu"), 3) == ["cpu", "cpu", "cpu"]
-    assert worker_devices(torch.device("cpu"), 2, world=4) == ["cpu", "cpu"]
-
 
 # --- suites under torchrun -----------------------------------------------------------------------
-
-def test_cells_are_dealt_longest_first_to_the_least_loaded_rank():
-    from cdabench.harness.cells import Job, deal_longest_first
-    jobs = [Job(n, n, s, dict) for n, s in [("a", 2), ("b", 9), ("c", 4), ("d", 4), ("e", 1), ("f", 7)]]
-    shares = deal_longest_first(jobs, 2)
-    # b(9)->0; f(7)->1; c(4)->1 (7<9); d(4)->0 (9<11); a(2)->1 (11<13); e(1)->0 (13=13, lower rank)
-    assert [[j.name for j in share] for share in shares] == [["b", "d", "e"], ["f", "c", "a"]]
-    assert sorted(j.name for share in deal_longest_first(jobs, 4) for j in share) == list("abcdef")
-
-
-def _record(key: str, top1: float) -> dict:
-    return {"task": "t", "method": "m", "ipc": 1, "student": "s", "labels": "soft", "seed": 0, "top1": top1,
-            "top5": 100.0, "epochs": 1, "image_bytes": 1, "label_bytes": 0, "seconds": {}, "device": "cpu",
-            "versions": {}, "hashes": {}, "cell_key": key}
-
-
-def test_rank_records_merge_once_in_plan_order(tmp_path: Path):
-    from cdabench import records
-    main = tmp_path / "records.jsonl"
-    records.append_record(main, _record("k1", 1.0))
-    part0, part1 = tmp_path / "ranks/rank0/records.jsonl", tmp_path / "ranks/rank1/records.jsonl"
-    records.append_record(part0, _record("k3", 3.0))
-    records.append_record(part1, _record("k2", 2.0))
-    records.append_record(part1, _record("k1", 9.0))   # already merged before a crash: not again
-    merged = records.merge_records(main, [part0, part1], order=["k1", "k2", "k3"])
-    assert [r["cell_key"] for r in merged] == ["k2", "k3"]
-    stored = records.read_records(main)
-    assert [(r["cell_key"], r["top1"]) for r in stored] == [("k1", 1.0), ("k2", 2.0), ("k3", 3.0)]
-    assert not part0.exists() and not part1.exists()
-    assert records.merge_records(main, [part0, part1]) == [] and records.read_records(main) == stored
 
 
 SUITE_TASK = TINY_TASK.replace("ipcs = [4]", "ipcs = [2]") + """

@@ -19,7 +19,7 @@ from cdabench.config import load_method, load_task, recover_config
 from cdabench.distill.recover import initial_noise, recover_batch, sample_recover_draws
 from cdabench.schema import CropSchedule
 
-from .conftest import make_tiny_bn_net
+from tests.fixtures import make_tiny_bn_net
 
 MEAN, STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)   # Tiny-ImageNet's
 SIZE, CLASSES = 16, 5

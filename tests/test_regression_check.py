@@ -24,9 +24,9 @@ from cdabench import packaged
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
 from cdabench.results.check import compare, read_targets
+from tests.fixtures import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "cdabench"
+CACHE = REPO / ".cache" / "cdabench"
 SMOKE_TASK = packaged.builtin("tasks", "digits-smoke.toml").read_text()
 SEEDS = [0, 1, 2, 3]
 

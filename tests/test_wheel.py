@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_TASK_TOML
+from tests.fixtures import REPO, TINY_TASK_TOML
 
-REPO = Path(__file__).resolve().parents[1]
 
 TINY_SUITE = """\
 description = "random real images on the tiny digits task, one student, one seed"

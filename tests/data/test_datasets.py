@@ -19,18 +19,11 @@ from cdabench.data import (
     stratified_holdout,
 )
 
-try:  # tests/ is a plain folder here, but a package once it gets an __init__.py
-    from tests.fixtures import (
-        CIFAR10_NAMES, MARKER_GRAY, MARKER_RGB, cifar100_names, class_colour, class_gray,
-        make_cifar10, make_cifar100, make_imagefolder, make_mnist, make_tiny_imagenet,
-        tiny_wnids, write_image,
-    )
-except ImportError:  # e.g. a site-packages 'tests' package shadows the folder
-    from fixtures import (  # type: ignore[no-redef]
-        CIFAR10_NAMES, MARKER_GRAY, MARKER_RGB, cifar100_names, class_colour, class_gray,
-        make_cifar10, make_cifar100, make_imagefolder, make_mnist, make_tiny_imagenet,
-        tiny_wnids, write_image,
-    )
+from tests.fixtures import (
+    CIFAR10_NAMES, MARKER_GRAY, MARKER_RGB, REPO, cifar100_names, class_colour, class_gray,
+    make_cifar10, make_cifar100, make_imagefolder, make_mnist, make_tiny_imagenet,
+    tiny_wnids, write_image,
+)
 
 JPEG_TOLERANCE = 4  # grey levels; class colours are 40 apart
 
@@ -504,9 +497,8 @@ DATASET_TABLE_HEADING = "## Datasets: class order and normalisation"
 
 def _read_dataset_table() -> dict[str, dict]:
     """The rows of the table under DATASET_TABLE_HEADING in docs/methods.md, by dataset name."""
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
+    text = (REPO / "docs" / "methods.md").read_text()
     assert DATASET_TABLE_HEADING in text, f"docs/methods.md lacks the section {DATASET_TABLE_HEADING!r}"
     section = text.split(DATASET_TABLE_HEADING, 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
@@ -598,67 +590,3 @@ def test_holdout_shortage_names_the_command_line_options():
     assert "--holdout-per-class" in message and "--holdout-fraction" in message
 
 
-def _cli(capsys, argv: list[str]) -> tuple[int, str]:
-    from cdabench.cli import main
-
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, " ".join((captured.out + captured.err).split())  # rich wraps long lines
-
-
-def test_holdout_options_take_effect_from_the_command_line(capsys, tmp_path):
-    make_tiny_imagenet(tmp_path / "data", per_class=3, val_per_class=1)
-    task = tmp_path / "tiny8.toml"  # the shipped task's split: 10 held-out images per class
-    task.write_text('dataset = "tiny-imagenet"\nimage_size = 8\nholdout_per_class = 10\n')
-    common = ["distill", "--task", str(task), "--data-root", str(tmp_path / "data"), "--method", "random",
-              "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path / "cache")]
-
-    code, text = _cli(capsys, [*common, "--ipc", "1", "--out", str(tmp_path / "a")])
-    assert code == 2 and "has only 3 images" in text
-    assert "--holdout-per-class N" in text and "--holdout-fraction F" in text
-
-    # 2 held out of 3 leaves 1 fit image per class; round(0.5 * 3) = 2 likewise.
-    for option in (["--holdout-per-class", "2"], ["--holdout-fraction", "0.5"]):
-        code, text = _cli(capsys, [*common, *option, "--ipc", "2", "--out", str(tmp_path / "b")])
-        assert code == 2 and "IPC 2 is larger than class" in text and "(1 real training images" in text, option
-
-    code, _ = _cli(capsys, [*common, "--holdout-per-class", "1", "--ipc", "2", "--out", str(tmp_path / "c")])
-    assert code == 0
-    import json
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert len(manifest["selection"]) == 200 and all(len(v) == 2 for v in manifest["selection"].values())
-    # The same --out with another split is another distillation: refused, naming the split.
-    code, text = _cli(capsys, [*common, "--holdout-fraction", "0.34", "--ipc", "2", "--out", str(tmp_path / "c")])
-    assert code == 2 and "differs in: split" in text
-
-    with pytest.raises(SystemExit):  # one or the other
-        _cli(capsys, [*common, "--holdout-per-class", "1", "--holdout-fraction", "0.5", "--out", str(tmp_path / "d")])
-
-
-@pytest.mark.parametrize("command", [["distill", "--out", "x"], ["evaluate", "--data", "d", "--out", "x"],
-                                     ["run", "--suite", "s"], ["check", "--suite", "s"]])
-def test_every_command_that_opens_a_task_takes_the_holdout_options(command):
-    from cdabench.cli import build_parser
-
-    args = build_parser().parse_args([*command, "--holdout-per-class", "3"])
-    assert (args.holdout_per_class, args.holdout_fraction) == (3, None)
-    args = build_parser().parse_args([*command, "--holdout-fraction", "0.25"])
-    assert (args.holdout_per_class, args.holdout_fraction) == (None, 0.25)
-
-
-def test_with_holdout_replaces_the_split_and_enters_the_cell_keys():
-    from cdabench.config import ConfigError, load_task, split_settings, with_holdout
-    from cdabench.harness.crossarch import Cell, cell_key
-
-    task = load_task("tiny-imagenet")
-    assert with_holdout(task) is task
-    changed = with_holdout(task, per_class=2)
-    assert (changed.holdout_per_class, changed.holdout_fraction) == (2, None)
-    by_fraction = with_holdout(task, fraction=0.1)
-    assert (by_fraction.holdout_per_class, by_fraction.holdout_fraction) == (None, 0.1)
-    for bad in ({"per_class": 0}, {"fraction": 1.0}, {"per_class": 1, "fraction": 0.5}):
-        with pytest.raises(ConfigError, match="--holdout"):
-            with_holdout(task, **bad)
-    cell = Cell(task.name, "full", None, "resnet18", "hard", 0)
-    keys = {cell_key(cell, "same-images", {}, None, split_settings(t)) for t in (task, changed, by_fraction)}
-    assert len(keys) == 3  # a full set's images hash is the data's: the split must enter the key

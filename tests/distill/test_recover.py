@@ -1,88 +1,19 @@
-"""Recover (SRe2L / CDA): the BN statistics loss, the crop-scale curriculum, the crops, the shard
-plan, one recover batch and a resumed run (methods.md sections 2-3)."""
+"""Recover (SRe2L / CDA): the crop-scale curriculum, the shard plan, one recover batch and a resumed
+run (methods.md sections 2-3). The BN statistics loss is in test_bn_loss.py, the crops in
+tests/engine/test_augment.py."""
 from __future__ import annotations
 
 import hashlib
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from cdabench.distill.bn_loss import BNStatisticsLoss
 from cdabench.distill.recover import cosine_lr, freeze, plan_shards, recover_batch, run_recover, shard_seed
-from cdabench.engine.augment import crop_resize, sample_crop_box
 from cdabench.schema import CropSchedule, RecoverConfig
-
-from tests.conftest import make_tiny_bn_net
-from tests.interrupt import interrupt_at
+from tests.fixtures import interrupt_at, make_tiny_bn_net
 
 MEAN, STD = (0.5,), (0.25,)
-
-
-# ------------------------------------------------------------------ BN loss
-def _hand_stats(a: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and biased variance over (N, H, W) with explicit sums."""
-    n, c, h, w = a.shape
-    count = n * h * w
-    means, variances = [], []
-    for ch in range(c):
-        values = a[:, ch].double()
-        mean = values.sum().item() / count
-        means.append(mean)
-        variances.append(((values - mean) ** 2).sum().item() / count)
-    return means, variances
-
-
-def _l2(values: list[float]) -> float:
-    return math.sqrt(sum(v * v for v in values))
-
-
-def test_bn_loss_equals_hand_computation():
-    torch.manual_seed(0)
-    conv1, bn1 = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
-    conv2, bn2 = nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2)
-    net = nn.Sequential(conv1, bn1, nn.ReLU(), conv2, bn2).eval()
-    bn1.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    bn1.running_var.copy_(torch.tensor([0.5, 1.5, 2.0]))
-    bn2.running_mean.copy_(torch.tensor([-0.4, 0.25]))
-    bn2.running_var.copy_(torch.tensor([0.8, 0.3]))
-    x = torch.randn(4, 1, 5, 5)
-
-    with torch.no_grad():
-        in1 = conv1(x)                          # the input of bn1
-        in2 = conv2(torch.relu(bn1(in1)))       # the input of bn2 (bn1 in eval mode)
-    expected = 0.0
-    for weight, a, bn in ((10.0, in1, bn1), (1.0, in2, bn2)):
-        means, variances = _hand_stats(a)
-        expected += weight * (_l2([m - r for m, r in zip(means, bn.running_mean.tolist())])
-                              + _l2([v - r for v, r in zip(variances, bn.running_var.tolist())]))
-
-    with BNStatisticsLoss(net) as loss:
-        net(x)
-        value = loss.value()
-    assert value.item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_bn_loss_reads_before_forward_and_hook_removal():
-    net = make_tiny_bn_net()
-    loss = BNStatisticsLoss(net)
-    with pytest.raises(RuntimeError):
-        loss.value()
-    net(torch.rand(2, 1, 8, 8))
-    first = loss.value()
-    with pytest.raises(RuntimeError):  # every value() needs its own forward pass
-        loss.value()
-    net(torch.rand(2, 1, 8, 8))
-    assert loss.value().item() != first.item()
-    loss.remove()
-    net(torch.rand(2, 1, 8, 8))
-    with pytest.raises(RuntimeError):
-        loss.value()
-    with pytest.raises(ValueError, match="BatchNorm2d"):
-        BNStatisticsLoss(nn.Sequential(nn.Conv2d(1, 1, 1)))
 
 
 # ---------------------------------------------------------- crop schedule
@@ -135,66 +66,6 @@ def test_fixed_and_zero_milestone_are_sre2l(kind):
 def test_crop_schedule_rejects_invalid(kwargs):
     with pytest.raises(ValueError):
         CropSchedule(**kwargs)
-
-
-# ---------------------------------------------------------------- crops
-@pytest.mark.parametrize("size", [8, 32, 64, 224])
-def test_crop_box_scale_one_is_whole_image(size):
-    for seed in range(20):
-        assert sample_crop_box(np.random.default_rng(seed), size, size, (1.0, 1.0)) == (0, 0, size, size)
-
-
-def test_crop_box_fallback_is_torchvision_centre_crop():
-    # 24 x 40 is wider than 4:3, so no try fits and torchvision's fallback keeps the height.
-    assert sample_crop_box(np.random.default_rng(0), 24, 40, (1.0, 1.0)) == (0, 4, 24, 32)
-
-
-def test_crop_boxes_lie_inside_and_are_seeded():
-    for seed in range(200):
-        for height, width, scale in ((8, 8, (0.08, 1.0)), (32, 24, (0.3, 0.6)), (5, 9, (0.08, 1.0))):
-            top, left, h, w = sample_crop_box(np.random.default_rng(seed), height, width, scale)
-            assert h >= 1 and w >= 1 and top >= 0 and left >= 0
-            assert top + h <= height and left + w <= width
-    a = [sample_crop_box(np.random.default_rng(7), 64, 64, (0.08, 1.0)) for _ in range(3)]
-    assert a[0] == a[1] == a[2]
-    others = {sample_crop_box(np.random.default_rng(s), 64, 64, (0.08, 1.0)) for s in range(10)}
-    assert len(others) > 1
-
-
-def test_crop_resize_full_box_is_identity():
-    x = torch.rand(3, 2, 8, 8)
-    out = crop_resize(x, torch.tensor([[0, 0, 8, 8]] * 3), 8)
-    assert torch.allclose(out, x, atol=1e-6)
-
-
-def _reference_crop(x, box, size):
-    top, left, h, w = box
-    return F.interpolate(x[..., top:top + h, left:left + w], size=size, mode="bilinear", align_corners=False)
-
-
-@pytest.mark.parametrize("box,size", [
-    ((0, 0, 8, 8), (8, 8)),            # whole image
-    ((1, 2, 6, 5), (4, 4)),            # downsampling
-    ((2, 1, 6, 6), (3, 3)),
-    ((0, 0, 8, 8), (5, 7)),
-    ((2, 1, 4, 5), (8, 8)),            # the recover case: a crop resized to full size (no pixel
-    ((0, 0, 4, 4), (8, 8)),            # outside the box may leak in at its interior edges)
-    ((4, 4, 4, 4), (8, 8)),
-])
-def test_crop_resize_equals_crop_then_interpolate(box, size):
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 8, 8)
-    out = crop_resize(x, torch.tensor([box, box]), size)
-    assert torch.allclose(out, _reference_crop(x, box, size), atol=1e-5)
-
-
-def test_crop_resize_per_sample_boxes():
-    torch.manual_seed(1)
-    x = torch.rand(2, 1, 8, 8)
-    boxes = [(0, 0, 8, 8), (1, 1, 6, 6)]
-    out = crop_resize(x, torch.tensor(boxes), 4)
-    for k, box in enumerate(boxes):
-        assert torch.allclose(out[k:k + 1], _reference_crop(x[k:k + 1], box, (4, 4)), atol=1e-5)
 
 
 # ------------------------------------------------------------- shard plan

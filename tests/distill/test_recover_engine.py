@@ -20,8 +20,7 @@ from cdabench.distill.recover import (ImageWriter, RecoverConfig, freeze, group_
 from cdabench.engine.runtime import ProcessGroup, bf16_supported
 from cdabench.schema import CropSchedule
 
-from tests.conftest import make_tiny_bn_net
-from tests.interrupt import bars_seen, interrupt_at
+from tests.fixtures import REPO, bars_seen, interrupt_at, make_tiny_bn_net
 
 MEAN, STD = (0.5,), (0.25,)
 CPU = torch.device("cpu")
@@ -304,9 +303,8 @@ def test_image_writer_raises_the_writers_error_and_finishes_queued_work():
 def test_gpu_script_dry_run_on_cpu(capsys):
     """benchmarks/gpu_recover.py runs end to end (on a CPU, small) and prints one row per setting."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_recover.py"
+    path = REPO / "benchmarks" / "gpu_recover.py"
     spec = importlib.util.spec_from_file_location("gpu_recover", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

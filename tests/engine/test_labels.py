@@ -15,7 +15,7 @@ from cdabench.engine.labels import (LabelStoreConfig, StoredLabels, build_label_
                                      masked_probs, mixed_cross_entropy)
 from cdabench.engine.train import ImageBank, Normalizer
 
-from tests.conftest import make_tiny_bn_net
+from tests.fixtures import make_tiny_bn_net
 
 NUM_CLASSES, N, SIZE, T = 5, 10, 8, 4.0
 NORMALIZER = Normalizer((0.5,), (0.25,), torch.device("cpu"))

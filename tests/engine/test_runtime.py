@@ -1,15 +1,12 @@
-"""Precision is a recorded setting: fp32 by default (the papers'), bf16 on request, on CPU too."""
+"""The runtime: autocast follows the precision (fp32 or bf16, on CPU too); a process started by
+torchrun finds its device and its workers shed torchrun's environment."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 from torch import nn
 
-from cdabench.cli import main
-from cdabench.config import load_task
-from cdabench.engine.runtime import autocast, bf16_supported, check_precision
+from cdabench.engine.runtime import autocast, check_precision
 
 CPU = torch.device("cpu")
 
@@ -28,25 +25,37 @@ def test_unknown_precision_is_refused_with_the_choices():
         check_precision("fp16", CPU)
 
 
-def test_papers_tasks_default_to_fp32():
-    for name in ("tiny-imagenet", "imagenet-1k", "imagenet-21k", "cifar100"):
-        assert load_task(name).precision == "fp32"
+def test_workers_strip_torchruns_environment():
+    from cdabench.engine.runtime import strip_launcher_env
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29500", "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
+    removed = strip_launcher_env(env)
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "OMP_NUM_THREADS": "1"}
+    assert len(removed) == 9
 
 
-@pytest.mark.skipif(not bf16_supported(CPU), reason="this CPU has no native bf16")
-def test_bf16_run_records_its_precision(tiny_task_path, private_cache, tmp_path):
-    """distil + evaluate under --precision bf16: the manifest and the record say bf16; the fp32 run
-    of the same cell says fp32 (the default)."""
-    common = ["--task", str(tiny_task_path), "--cache-dir", str(private_cache), "--device", "cpu", "--quiet"]
-    for precision in ("bf16", "fp32"):
-        flag = ["--precision", precision] if precision == "bf16" else []
-        out = tmp_path / f"cda-{precision}"
-        assert main(["distill", *common, *flag, "--method", "cda", "--ipc", "1", "--out", str(out)]) == 0
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["precision"] == precision
-        assert main(["evaluate", *common, *flag, "--data", str(out), "--epochs", "1",
-                     "--out", str(tmp_path / "runs")]) == 0
-    first, second = [json.loads(line) for line in (tmp_path / "runs" / "records.jsonl").read_text().splitlines()]
-    assert (first["precision"], first["recover_precision"]) == ("bf16", "bf16")
-    assert (second["precision"], second["recover_precision"]) == ("fp32", "fp32")
-    assert first["hashes"]["teacher"] != second["hashes"]["teacher"]   # bf16 trains its own teacher
+@pytest.mark.parametrize("local_rank, visible, index", [
+    (None, 1, 0), (None, 8, 0),      # plain process: the first visible device
+    (3, 8, 3), (0, 2, 0), (1, 2, 1),  # torchrun shows every GPU of the node: LOCAL_RANK picks one
+    (3, 1, 0), (7, 1, 0),            # the launcher shows one GPU per task: that one, whatever LOCAL_RANK says
+])
+def test_device_from_local_rank_only_when_that_many_are_visible(local_rank, visible, index):
+    from cdabench.engine.runtime import local_device_index
+    assert local_device_index(local_rank, visible) == index
+
+
+def test_more_ranks_than_visible_gpus_is_refused():
+    from cdabench.engine.runtime import local_device_index
+    with pytest.raises(RuntimeError, match="LOCAL_RANK is 2 but only 2 CUDA devices"):
+        local_device_index(2, 2)
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        local_device_index(0, 0)
+
+
+def test_cpu_workers_share_the_cpu():
+    import torch
+
+    from cdabench.engine.runtime import worker_devices
+    assert worker_devices(torch.device("cpu"), 3) == ["cpu", "cpu", "cpu"]
+    assert worker_devices(torch.device("cpu"), 2, world=4) == ["cpu", "cpu"]

@@ -10,7 +10,7 @@ from cdabench import records
 from cdabench.harness.run import run_suite
 from cdabench.schema import Suite
 
-from tests.interrupt import interrupt_at
+from tests.fixtures import interrupt_at
 
 TASK = """
 dataset = "digits"

@@ -1,0 +1,42 @@
+"""The cross-arch suite kind: its grid expands as declared; unknown names are refused with the valid ones."""
+from __future__ import annotations
+
+import pytest
+
+from cdabench.cli import main
+from cdabench.config import ConfigError
+from cdabench.harness.crossarch import Cell, expand, narrow, validate
+from cdabench.harness.suites import load_suite
+
+
+def test_cross_arch_grid_expands_as_declared():
+    suite = load_suite("cross-arch")
+    cells = expand(suite)
+    # 4 methods x 2 IPCs (1, 10) + full (no IPC), x 2 seeds x 4 students, soft; + hard for cda and random.
+    assert len(cells) == ((4 + 2) * 2 + 1) * 2 * 4
+    assert Cell("digits", "random", 1, "resnet18", "hard", 0) in cells
+    assert len(set(cells)) == len(cells)
+    assert Cell("digits", "cda", 10, "deit_tiny", "hard", 1) in cells
+    assert Cell("digits", "full", None, "resnet50", "soft", 0) in cells
+    assert not any(c.method == "sre2l" and c.labels == "hard" for c in cells)
+    narrowed = expand(narrow(suite, students=["resnet18"], seeds=[0, 1, 2], methods=["cda", "random"]))
+    assert len(narrowed) == 2 * 2 * 3 * 2   # methods x IPCs x seeds x (soft, hard)
+    assert len(expand(narrow(suite, ipcs=[10]))) == (5 + 2) * 2 * 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["cda", "magic"]}, "unknown method 'magic'"),
+    ({"students": ["resnet18", "not_a_net"]}, "unknown student(s) not_a_net"),
+    ({"task": "no-such-task"}, "unknown task 'no-such-task'"),
+])
+def test_unknown_names_are_refused_with_the_valid_ones(change, message):
+    suite = narrow(load_suite("cross-arch"), **change)
+    with pytest.raises(ConfigError) as err:
+        validate(suite)
+    assert message in str(err.value) and "known" in str(err.value) or "use" in str(err.value)
+
+
+def test_unknown_suite_lists_suites(capsys):
+    assert main(["run", "--suite", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'nope'" in err and "cross-arch" in err
