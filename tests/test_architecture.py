@@ -2,13 +2,12 @@
 no cycles), and they do fail when a module imports against them."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures import REPO
+from tests.fixtures import REPO, child_env
 
 
 
@@ -16,7 +15,7 @@ def lint_imports(package_parent: Path) -> subprocess.CompletedProcess:
     """import-linter with this repository's contracts on the `cdabench` found under package_parent."""
     code = ("import sys; from importlinter.cli import lint_imports; "
             f"sys.exit(lint_imports(config_filename={str(REPO / 'pyproject.toml')!r}, no_cache=True))")
-    env = dict(os.environ, PYTHONPATH=str(package_parent))
+    env = child_env(PYTHONPATH=str(package_parent))
     return subprocess.run([sys.executable, "-c", code], cwd=package_parent, env=env, capture_output=True,
                           text=True, timeout=300)
 

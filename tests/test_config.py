@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,41 +13,22 @@ import sys
 import pytest
 
 from cdabench.config import ConfigError, load_method, load_task, recover_config
-from tests.fixtures import REPO, make_tiny_imagenet, run_cli
+from tests.fixtures import REPO, child_env, make_tiny_imagenet, run_cli, tiny_task_file
 
-TASK = """\
-dataset = "digits"
-image_size = 8
-holdout_fraction = 0.1
-
-[posttrain]
-full_epochs = 3
-full_batch_size = 50
-
-[posttrain.recipe]
-epochs = 30
-batch_size = 100
-optimizer = "adamw"
-lr = 0.01
-augment = { crop = "rrc", min_scale = 0.25, flip = true }
-
-[posttrain.students.resnet50]
-epochs = 12
-full_epochs = 4
-
-[posttrain.students.deit_tiny]
-patch_size = 4
-lr = 0.001
-full_batch_size = 25
-augment = { crop = "rrc", min_scale = 0.5, flip = false }
-"""
+# The base tiny task (tests/fixtures.py) with a post-train protocol that overrides per student.
+POSTTRAIN = {
+    "full_epochs": 3, "full_batch_size": 50,
+    "recipe": {"epochs": 30, "batch_size": 100, "optimizer": "adamw", "lr": 0.01,
+               "augment": {"crop": "rrc", "min_scale": 0.25, "flip": True}},
+    "students": {"resnet50": {"epochs": 12, "full_epochs": 4},
+                 "deit_tiny": {"patch_size": 4, "lr": 0.001, "full_batch_size": 25,
+                               "augment": {"crop": "rrc", "min_scale": 0.5, "flip": False}}},
+}
 
 
 @pytest.fixture
 def task(tmp_path):
-    path = tmp_path / "t.toml"
-    path.write_text(TASK)
-    return load_task(str(path))
+    return load_task(str(tiny_task_file(tmp_path / "t.toml", posttrain=POSTTRAIN)))
 
 
 def test_shared_recipe_student_overrides_and_full(task):
@@ -69,8 +49,7 @@ def test_shared_recipe_student_overrides_and_full(task):
 def test_equal_steps_ipc_scales_epochs_by_steps_per_epoch(tmp_path):
     """Under equal_steps_ipc a cell at any IPC trains the optimiser steps of a cell at that IPC:
     epochs x ceil(ref images / batch) / ceil(images / batch), rounded up; full data is untouched."""
-    path = tmp_path / "t.toml"
-    path.write_text(TASK.replace("[posttrain]\n", "[posttrain]\nequal_steps_ipc = 10\n"))
+    path = tiny_task_file(tmp_path / "t.toml", {"posttrain": POSTTRAIN, "posttrain.equal_steps_ipc": 10})
     pt = load_task(str(path)).posttrain
     assert pt.equal_steps_ipc == 10
     # batch 100, 10 classes: IPC 10 = 1 step per epoch, as is IPC 1 (10 images): the same epochs.
@@ -88,15 +67,14 @@ def test_equal_steps_ipc_scales_epochs_by_steps_per_epoch(tmp_path):
 
 
 def test_equal_steps_ipc_must_be_positive(tmp_path):
-    path = tmp_path / "t.toml"
-    path.write_text(TASK.replace("[posttrain]\n", "[posttrain]\nequal_steps_ipc = 0\n"))
+    path = tiny_task_file(tmp_path / "t.toml", {"posttrain": POSTTRAIN, "posttrain.equal_steps_ipc": 0})
     with pytest.raises((ConfigError, ValueError), match="equal_steps_ipc must be a positive IPC"):
         load_task(str(path))
 
 
 def test_unknown_student_setting_is_refused(tmp_path):
-    path = tmp_path / "t.toml"
-    path.write_text(TASK + "\n[posttrain.students.mobilenetv2]\nlearning_rate = 0.1\n")
+    path = tiny_task_file(tmp_path / "t.toml", {"posttrain": POSTTRAIN,
+                                                "posttrain.students.mobilenetv2": {"learning_rate": 0.1}})
     with pytest.raises(ConfigError, match=r"posttrain\.students\.mobilenetv2: unknown key\(s\) learning_rate; known keys: .*lr"):
         load_task(str(path))
 
@@ -128,7 +106,7 @@ def test_two_packaged_methods_of_one_name_are_refused(tmp_path):
     shutil.copytree(REPO / "cdabench", tmp_path / "cdabench", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "cdabench" / "builtin" / "baselines" / "cda.toml").write_text('kind = "select"\nstrategy = "random"\n')
     code = "from cdabench import config; print(config.list_methods())"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=child_env(PYTHONPATH=str(tmp_path)),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "two methods are named 'cda': cdabench/config.py (CDA) and " in done.stderr

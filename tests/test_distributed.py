@@ -2,7 +2,6 @@
 produces exactly the images of a single-process run."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,23 +9,12 @@ from pathlib import Path
 import pytest
 
 from cdabench import artifacts
+from tests.fixtures import TINY_CONTINUAL_SUITE, child_env, suite_file, tiny_task_file
 
-TINY_TASK = """
-dataset = "digits"
-ipcs = [4]
-holdout_fraction = 0.1
-[teacher]
-model = "resnet18"
-epochs = 4
-batch_size = 64
-lr = 0.05
-warmup_epochs = 1
-augment = { crop = "none", flip = false }
-[recover.cda]
-iterations = 3
-batch_size = 20
-jitter = 1
-"""
+# The base tiny task (tests/fixtures.py) with a 4-epoch teacher, CDA at IPC 4 in batches of 20
+# (two shards: one per rank) and no post-train settings.
+TASK = {"ipcs": [4], "teacher.epochs": 4, "teacher.warmup_epochs": 1,
+        "recover.cda": {"iterations": 3, "batch_size": 20, "jitter": 1}, "recover.sre2l": None, "posttrain": None}
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -35,9 +23,8 @@ def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_torchrun_splits_shards_and_matches_single_process(tmp_path: Path):
-    task = tmp_path / "tiny.toml"
-    task.write_text(TINY_TASK)
-    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    task = tiny_task_file(tmp_path / "tiny.toml", TASK)
+    env = child_env(CDABENCH_CACHE=str(tmp_path / "cache"))
     common = ["distill", "--task", str(task), "--method", "cda", "--ipc", "4", "--device", "cpu", "--quiet"]
     single = _run([sys.executable, "-m", "cdabench.cli", *common, "--out", str(tmp_path / "single")], env)
     assert single.returncode == 0, single.stderr
@@ -61,13 +48,8 @@ def test_torchrun_splits_shards_and_matches_single_process(tmp_path: Path):
 # --- suites under torchrun -----------------------------------------------------------------------
 
 
-SUITE_TASK = TINY_TASK.replace("ipcs = [4]", "ipcs = [2]") + """
-[posttrain.recipe]
-epochs = 2
-batch_size = 20
-optimizer = "adamw"
-lr = 0.001
-"""
+# ... at IPC 2, post-trained 2 epochs in batches of 20.
+SUITE_TASK = {**TASK, "ipcs": [2], "posttrain.recipe": {"epochs": 2, "batch_size": 20, "optimizer": "adamw", "lr": 0.001}}
 
 
 @pytest.mark.slow
@@ -78,23 +60,18 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(tmp_path:
     exactly once, with the single-process run's cell keys and accuracies (one thread everywhere)."""
     from cdabench import records
     from cdabench.harness.run import run_suite
-    from cdabench.schema import Suite
+    from cdabench.harness.suites import load_suite
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
-    task = tmp_path / "tiny.toml"
-    task.write_text(SUITE_TASK)
-    suite_file = tmp_path / "suite.toml"
-    suite_file.write_text(f'task = "{task}"\nmethods = ["cda", "random"]\nstudents = ["resnet18"]\n'
-                          'hard_label_methods = ["random"]\nseeds = [0, 1]\n')
-    suite = Suite(name="suite", task=str(task), methods=("cda", "random"), students=("resnet18",), seeds=(0, 1),
-                  hard_label_methods=("random",), path=str(suite_file))
-    one = run_suite(suite, tmp_path / "one", device="cpu", workers=1)
+    task = tiny_task_file(tmp_path / "tiny.toml", SUITE_TASK)
+    suite = suite_file(tmp_path / "suite.toml", task, seeds=[0, 1])
+    one = run_suite(load_suite(str(suite)), tmp_path / "one", device="cpu", workers=1)
     assert len(one) == 6
     # A killed 2-rank run: rank 1 had finished one cell, rank 0 never merged it.
     planted = records.append_record(tmp_path / "multi/ranks/rank1/records.jsonl", one[2])
-    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env = child_env(CDABENCH_CACHE=str(tmp_path / "cache"))
     torchrun = Path(sys.executable).with_name("torchrun")
     multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
-                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu",
+                  "--suite", str(suite), "--out", str(tmp_path / "multi"), "--device", "cpu",
                   "--workers", "2", "--quiet"], env)
     assert multi.returncode == 0, multi.stderr[-3000:]
     stored = records.read_records(tmp_path / "multi" / "records.jsonl")
@@ -107,7 +84,7 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(tmp_path:
     assert not list((tmp_path / "multi" / "ranks").rglob("records.jsonl"))  # merged and removed
     # A re-run under torchrun finds every cell recorded and writes nothing.
     again = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
-                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
+                  "--suite", str(suite), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert records.read_records(tmp_path / "multi" / "records.jsonl") == stored
 
@@ -123,7 +100,7 @@ def test_ddp_training_matches_one_process_on_the_same_global_batch(tmp_path: Pat
     What differs is the order of floating-point sums (gradient all-reduce): 1e-5 relative."""
     import torch
     script = Path(__file__).with_name("ddp_train_script.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent.parent))
+    env = child_env()
     single = _run([sys.executable, str(script), labels, str(tmp_path / "one.pt")], env)
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -144,7 +121,7 @@ def test_two_rank_relabel_equals_one_rank_byte_for_byte(tmp_path: Path, topk: in
     """The label store's epochs dealt over two gloo ranks: the same epoch files, byte for byte,
     and the same manifest hash as one process; rank 0 alone writes the manifest."""
     script = Path(__file__).with_name("ddp_train_script.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent.parent))
+    env = child_env()
     single = _run([sys.executable, str(script), f"relabel-{topk}", str(tmp_path / "one")], env)
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -166,9 +143,8 @@ def test_torchrun_trains_the_teacher_and_post_trains_data_parallel_writing_one_r
     train the teacher (DDP; rank 0 saves it), recover their shards, post-train the student
     data-parallel with online KD, and rank 0 alone appends the one record."""
     from cdabench import records
-    task = tmp_path / "tiny.toml"
-    task.write_text(TINY_TASK)
-    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    task = tiny_task_file(tmp_path / "tiny.toml", TASK)
+    env = child_env(CDABENCH_CACHE=str(tmp_path / "cache"))
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
                 "-m", "cdabench.cli"]
     common = ["--task", str(task), "--device", "cpu", "--quiet"]
@@ -186,20 +162,6 @@ def test_torchrun_trains_the_teacher_and_post_trains_data_parallel_writing_one_r
     assert stored[0]["teacher_forwards"] == 80
 
 
-CONTINUAL_SUITE = """
-kind = "continual"
-task = "{task}"
-steps = [5]
-memories = ["random", "cda"]
-strategies = ["naive", "replay"]
-student = "resnet18"
-retrain_epochs = 1
-[sequential]
-epochs = 1
-lr = 0.003
-"""
-
-
 @pytest.mark.slow
 def test_continual_suite_under_torchrun_records_every_cell_once(tmp_path: Path, monkeypatch):
     """A continual suite under `torchrun --nproc-per-node 2`: the memories are distilled together,
@@ -209,15 +171,15 @@ def test_continual_suite_under_torchrun_records_every_cell_once(tmp_path: Path, 
     from cdabench.harness.run import run_suite
     from cdabench.harness.suites import load_suite
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
-    task = tmp_path / "tiny.toml"
-    task.write_text(SUITE_TASK.replace("ipcs = [2]", "ipcs = [3]").replace("batch_size = 20", "batch_size = 30"))
-    suite_file = tmp_path / "continual.toml"
-    suite_file.write_text(CONTINUAL_SUITE.format(task=task))
-    one = run_suite(load_suite(str(suite_file)), tmp_path / "one", device="cpu")
-    env = dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    task = tiny_task_file(tmp_path / "tiny.toml", {**SUITE_TASK, "ipcs": [3], "recover.cda.batch_size": 30,
+                                                   "posttrain.recipe.batch_size": 30})
+    suite = suite_file(tmp_path / "continual.toml", task, base=TINY_CONTINUAL_SUITE, memories=["random", "cda"],
+                       unmasked=None, strategies=["naive", "replay"], student="resnet18", retrain_epochs=1)
+    one = run_suite(load_suite(str(suite)), tmp_path / "one", device="cpu")
+    env = child_env(CDABENCH_CACHE=str(tmp_path / "cache"))
     torchrun = Path(sys.executable).with_name("torchrun")
     multi = _run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cdabench.cli", "run",
-                  "--suite", str(suite_file), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
+                  "--suite", str(suite), "--out", str(tmp_path / "multi"), "--device", "cpu", "--quiet"], env)
     assert multi.returncode == 0, multi.stderr[-3000:]
     stored = records.read_records(tmp_path / "multi" / "records.jsonl")
     assert len(one) >= 4 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in one)

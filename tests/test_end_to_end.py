@@ -7,42 +7,19 @@ from pathlib import Path
 import pytest
 
 from cdabench.cli import main
+from tests.fixtures import tiny_task_file
 
-TINY_TASK = """
-dataset = "digits"
-ipcs = [10]
-holdout_fraction = 0.1
-[teacher]
-model = "resnet18"
-epochs = 6
-batch_size = 64
-lr = 0.05
-warmup_epochs = 1
-augment = { crop = "none", flip = false }
-[recover.cda]
-iterations = 100
-lr = 0.25
-r_bn = 0.01
-batch_size = 100
-jitter = 1
-[posttrain.recipe]
-model = "resnet18"
-epochs = 40
-batch_size = 50
-optimizer = "adamw"
-lr = 0.001
-weight_decay = 0.01
-augment = { crop = "pad", pad = 1, flip = false }
-[posttrain.kd]
-temperature = 4.0
-"""
+# The base tiny task (tests/fixtures.py) with a 6-epoch teacher, CDA at IPC 10 recovered 100
+# iterations, and a ResNet-18 student post-trained 40 epochs with pad-1 crops.
+TASK = {"ipcs": [10], "teacher.epochs": 6, "teacher.warmup_epochs": 1, "recover.cda.iterations": 100,
+        "recover.sre2l": None, "posttrain.recipe.epochs": 40, "posttrain.recipe.decay_matrices_only": None,
+        "posttrain.recipe.augment": {"crop": "pad", "pad": 1, "flip": False}}
 
 
 @pytest.mark.slow
 def test_distill_then_evaluate_learns(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
-    task = tmp_path / "tiny.toml"
-    task.write_text(TINY_TASK)
+    task = tiny_task_file(tmp_path / "tiny.toml", TASK)
     common = ["--task", str(task), "--device", "cpu", "--quiet"]
     assert main(["distill", *common, "--method", "cda", "--ipc", "10", "--out", str(tmp_path / "cda")]) == 0
     assert main(["evaluate", *common, "--data", str(tmp_path / "cda"), "--student", "resnet18",

@@ -24,7 +24,7 @@ from cdabench import packaged
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
 from cdabench.results.check import compare, read_targets
-from tests.fixtures import REPO
+from tests.fixtures import REPO, suite_file
 
 CACHE = REPO / ".cache" / "cdabench"
 SMOKE_TASK = packaged.builtin("tasks", "digits-smoke.toml").read_text()
@@ -56,10 +56,8 @@ def broken_task(folder: Path, edits: list[tuple[str, str]]) -> Path:
 def narrowed_smoke(task: Path, methods: list[str], folder: Path) -> Path:
     """The smoke suite on `task`, narrowed to `methods` and SEEDS."""
     smoke = load_suite("smoke")
-    path = folder / "suite.toml"
-    path.write_text(f'task = "{task.as_posix()}"\nmethods = {methods}\nstudents = {list(smoke.students)}\n'
-                    f'labels = {list(smoke.labels)}\nseeds = {SEEDS}\n'.replace("'", '"'))
-    return path
+    return suite_file(folder / "suite.toml", task, base={}, methods=methods, students=list(smoke.students),
+                      labels=list(smoke.labels), seeds=SEEDS)
 
 
 @pytest.mark.slow

@@ -17,17 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import REPO, TINY_TASK_TOML
-
-
-TINY_SUITE = """\
-description = "random real images on the tiny digits task, one student, one seed"
-task = "{task}"
-methods = ["random"]
-students = ["resnet18"]
-labels = ["hard"]
-seeds = [0]
-"""
+from tests.fixtures import REPO, child_env, suite_file, tiny_task_file
 
 
 def _run(args: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -73,8 +63,9 @@ def test_an_installed_wheel_lists_and_runs_a_suite_from_an_empty_folder(tmp_path
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MPLCONFIGDIR=str(tmp_path / "mpl"))
+    # No PYTHONPATH (the checkout's cdabench must not be found) and no active virtual environment.
+    env = {k: v for k, v in child_env(CDABENCH_CACHE=str(tmp_path / "cache"), MPLCONFIGDIR=str(tmp_path / "mpl")).items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = _run([venv / "bin" / "python", "-c", "import cdabench; print(cdabench.__file__)"], empty, env)
     assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
 
@@ -86,10 +77,10 @@ def test_an_installed_wheel_lists_and_runs_a_suite_from_an_empty_folder(tmp_path
     assert {"smoke", "cross-arch", "continual"} <= {s.strip() for s in lines["suites"].split(",")}
 
     # A user's own task and suite, passed by path, from a folder that holds nothing else.
-    task = empty / "tiny.toml"
-    task.write_text(TINY_TASK_TOML)
-    suite = empty / "tiny-suite.toml"
-    suite.write_text(TINY_SUITE.format(task=task))
+    task = tiny_task_file(empty / "tiny.toml")
+    suite = suite_file(empty / "tiny-suite.toml", task, {
+        "description": "random real images on the tiny digits task, one student, one seed",
+        "methods": ["random"], "labels": ["hard"], "hard_label_methods": None})
     ran = _run([venv / "bin" / "cdabench", "run", "--suite", suite, "--out", "run", "--device", "cpu",
                 "--workers", "1", "--quiet"], empty, env)
     assert ran.returncode == 0, ran.stdout + ran.stderr

@@ -20,49 +20,13 @@ from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
 from cdabench.results.leaderboard import generate
 from cdabench.schema import ContinualSuite
-from tests.fixtures import interrupt_at
+from tests.fixtures import TINY_CONTINUAL_SUITE, interrupt_at, suite_file, tiny_task_file
 
-TINY_TASK = """
-dataset = "digits"
-ipcs = [3]
-holdout_fraction = 0.1
-[teacher]
-model = "test_resnet"
-epochs = 3
-batch_size = 64
-lr = 0.05
-warmup_epochs = 1
-augment = { crop = "none", flip = false }
-[recover.cda]
-iterations = 3
-batch_size = 30
-jitter = 1
-[recover.sre2l]
-iterations = 3
-batch_size = 30
-jitter = 1
-[posttrain.recipe]
-epochs = 2
-batch_size = 20
-optimizer = "adamw"
-lr = 0.003
-[posttrain.kd]
-temperature = 4.0
-"""
-
-TINY_SUITE = """
-kind = "continual"
-task = "{task}"
-steps = [5]
-memories = ["random", "herding", "cda", "sre2l"]
-unmasked = ["cda"]
-strategies = ["naive", "replay", "gdumb", "lwf", "ewc", "der", "er_ace"]
-student = "test_resnet"
-retrain_epochs = 3
-[sequential]
-epochs = 1
-lr = 0.003
-"""
+# The base tiny task (tests/fixtures.py) with a test_resnet teacher, IPC 3, recover 3 iterations in
+# batches of 30 and a post-train recipe of its own.
+RECOVER = {"iterations": 3, "batch_size": 30, "jitter": 1}
+TASK = {"ipcs": [3], "teacher.model": "test_resnet", "teacher.warmup_epochs": 1, "recover.cda": RECOVER,
+        "recover.sre2l": RECOVER, "posttrain.recipe": {"epochs": 2, "batch_size": 20, "optimizer": "adamw", "lr": 0.003}}
 
 
 def test_memory_larger_than_the_data_is_refused(tmp_path, monkeypatch, capsys):
@@ -91,12 +55,11 @@ def test_the_shipped_suite_loads_and_expands():
 
 
 def test_a_suite_file_by_path_loads_its_sequential_table_and_names_a_wrong_key(tmp_path):
-    path = tmp_path / "mine.toml"
-    path.write_text(TINY_SUITE.format(task="digits"))
+    path = suite_file(tmp_path / "mine.toml", "digits", base=TINY_CONTINUAL_SUITE)
     suite = load_suite(str(path))
     assert suite.name == "mine" and suite.path == str(path)
     assert suite.sequential == SequentialSettings(epochs=1, lr=0.003)
-    path.write_text(TINY_SUITE.format(task="digits") + "epoch = 2\n")
+    suite_file(path, "digits", {"sequential.epoch": 2}, base=TINY_CONTINUAL_SUITE)
     with pytest.raises(ConfigError, match=r"mine.toml.sequential: unknown key\(s\) epoch; known keys: .*epochs"):
         load_suite(str(path))
 
@@ -105,9 +68,8 @@ def test_a_suite_file_by_path_loads_its_sequential_table_and_names_a_wrong_key(t
 @pytest.mark.slow
 def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, monkeypatch):
     monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "tiny.toml").write_text(TINY_TASK)
-    suite_path = tmp_path / "tiny-continual.toml"
-    suite_path.write_text(TINY_SUITE.format(task=tmp_path / "tiny.toml"))
+    task = tiny_task_file(tmp_path / "tiny.toml", TASK)
+    suite_path = suite_file(tmp_path / "tiny-continual.toml", task, base=TINY_CONTINUAL_SUITE)
     out = tmp_path / "run"
     # Killed once two cells are recorded, then resumed by the command line.
     suite = load_suite(str(suite_path))
@@ -137,7 +99,7 @@ def test_continual_suite_end_to_end_resumes_and_feeds_the_leaderboard(tmp_path, 
     with_memory = [r for r in rows if r["memory"] in ("random", "herding", "cda", "sre2l")]
     assert {r["num_images"] for r in with_memory} == {3 * 10}
     assert all(r["image_bytes"] > 0 for r in with_memory)
-    task_ctx = open_context(load_task(str(tmp_path / "tiny.toml")), None, "cpu", tmp_path / "cache")
+    task_ctx = open_context(load_task(str(task)), None, "cpu", tmp_path / "cache")
     folders = sorted((out / "distilled").iterdir())
     assert len(folders) == 4
     for folder in folders:

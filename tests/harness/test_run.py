@@ -8,42 +8,23 @@ import pytest
 
 from cdabench import records
 from cdabench.harness.run import run_suite
+from cdabench.harness.suites import load_suite
 from cdabench.schema import Suite
-
-from tests.fixtures import interrupt_at
-
-TASK = """
-dataset = "digits"
-ipcs = [2]
-holdout_fraction = 0.1
-[teacher]
-model = "resnet18"
-epochs = 4
-batch_size = 64
-lr = 0.05
-warmup_epochs = 1
-augment = {{ crop = "none", flip = false }}
-[recover.cda]
-iterations = {cda_iterations}
-batch_size = 20
-jitter = 1
-[posttrain.recipe]
-epochs = {epochs}
-batch_size = 20
-optimizer = "adamw"
-lr = 0.001
-"""
+from tests.fixtures import child_env, interrupt_at, suite_file, tiny_task_file
 
 
 def write_task(folder: Path, cda_iterations: int = 3, epochs: int = 2) -> str:
-    path = folder / "tiny.toml"
-    path.write_text(TASK.format(cda_iterations=cda_iterations, epochs=epochs))
-    return str(path)
+    """The base tiny task (tests/fixtures.py) with a 4-epoch teacher, CDA in batches of 20 and a
+    post-train protocol of its own (`epochs` in batches of 20)."""
+    return str(tiny_task_file(folder / "tiny.toml", {
+        "teacher.epochs": 4, "teacher.warmup_epochs": 1, "recover.sre2l": None,
+        "recover.cda": {"iterations": cda_iterations, "batch_size": 20, "jitter": 1},
+        "posttrain": {"recipe": {"epochs": epochs, "batch_size": 20, "optimizer": "adamw", "lr": 0.001}}}))
 
 
 def suite_for(task: str) -> Suite:
-    return Suite(name="tiny", task=task, methods=("cda", "random"), students=("resnet18",), seeds=(0,),
-                 hard_label_methods=("random",))
+    """CDA and random real images, random also with hard labels, one seed (tests/fixtures.py: TINY_SUITE)."""
+    return load_suite(str(suite_file(Path(task).with_name("tiny-suite.toml"), task)))
 
 
 def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
@@ -51,7 +32,7 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
     out = tmp_path / "run"
     task = write_task(tmp_path)
     # Killed once the first cell is recorded: one record, the rest still to do.
-    with pytest.raises(KeyboardInterrupt), interrupt_at("suite tiny", 1):
+    with pytest.raises(KeyboardInterrupt), interrupt_at("suite tiny-suite", 1):
         run_suite(suite_for(task), out, device="cpu")
     assert len(records.read_records(out / "records.jsonl")) == 1
     results = run_suite(suite_for(task), out, device="cpu")
@@ -117,11 +98,9 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
     import time
 
     task = write_task(tmp_path, epochs=40)
-    suite_file = tmp_path / "tiny-suite.toml"
-    suite_file.write_text(f'task = "{task}"\nmethods = ["random"]\nstudents = ["resnet18"]\n'
-                          'hard_label_methods = ["random"]\nseeds = [0, 1, 2]\n')
-    out, env = tmp_path / "run", dict(os.environ, CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
-    argv = [sys.executable, "-m", "cdabench.cli", "run", "--suite", str(suite_file), "--out", str(out),
+    suite = suite_file(tmp_path / "tiny-suite.toml", task, methods=["random"], seeds=[0, 1, 2])
+    out, env = tmp_path / "run", child_env(CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    argv = [sys.executable, "-m", "cdabench.cli", "run", "--suite", str(suite), "--out", str(out),
             "--device", "cpu", "--workers", "2", "--quiet"]
     # The run starts with Ctrl-C's default action, as a foreground command in a terminal does. A
     # test run launched in the background (`cmd &` in a script, as CI may do) ignores SIGINT, every
@@ -147,10 +126,9 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
     assert alive == [], group  # no worker left running
     kept = records.read_records(records_path)
     assert 1 <= len(kept) < 6
-    from cdabench.harness.suites import load_suite
     # The re-run must use the interrupted run's cache: a teacher retrained elsewhere (here at one
     # thread instead of two) has another hash, and its soft-label cells other keys.
-    results = run_suite(load_suite(str(suite_file)), out, device="cpu", cache=str(tmp_path / "cache"), workers=1)
+    results = run_suite(load_suite(str(suite)), out, device="cpu", cache=str(tmp_path / "cache"), workers=1)
     stored = records.read_records(records_path)
     assert len(results) == 6 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in results)
     assert {r["record_hash"] for r in kept} <= {r["record_hash"] for r in results}   # finished cells kept as they were
