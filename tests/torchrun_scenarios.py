@@ -1,17 +1,28 @@
-"""Run by tests/test_distributed.py, plainly and under torchrun: train a small BN-free CNN on a
-fixed random set with CutMix hard labels or online KD and save the final weights (rank 0), or
-build a label store ("relabel") with a small teacher."""
+"""Run by tests/test_distributed.py under `torchrun --nproc-per-node 2` (and imported by it, to run
+the same data-parallel scenarios in one process): every rank runs the steps of a plan, in order, in
+one launch, so the start-up of two ranks (torch, timm and Avalanche imported) is paid once.
+
+A plan is a JSON list of steps:
+- {"cli": [argv...]}: `cdabench` with these arguments (cdabench.cli.main, as `python -m cdabench.cli`
+  runs it); a non-zero exit ends the rank, and torchrun then ends the other;
+- {"script": KIND, "out": PATH}: `run_script(KIND, PATH)`: train a small BN-free CNN on a fixed random
+  set with CutMix hard labels ("hard") or online KD ("online") and save the final weights (rank 0),
+  or build a label store with a small teacher ("relabel-<topk>");
+- {"copy": [SRC, DST]}: rank 0 copies a file (a snapshot of what the steps before it wrote).
+"""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from cdabench.cli import main as cli_main
 from cdabench.config import TrainRecipe
 from cdabench.engine.augment import AugmentSpec
-from pathlib import Path
-
 from cdabench.engine.labels import HardLabels, LabelStoreConfig, OnlineKD, build_label_store
 from cdabench.engine.runtime import init_process_group
 from cdabench.engine.train import ImageBank, Normalizer, train_model
@@ -23,8 +34,7 @@ def small_cnn(seed: int) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
 
 
-def main(labels_kind: str, out: str) -> None:
-    torch.set_num_threads(1)
+def run_script(labels_kind: str, out: str) -> None:
     device = torch.device("cpu")
     group = init_process_group(device)
     generator = torch.Generator().manual_seed(0)
@@ -50,5 +60,19 @@ def main(labels_kind: str, out: str) -> None:
                     "teacher_forwards": torch.tensor(result.teacher_forwards)}, out)
 
 
+def run_plan(plan: list[dict]) -> None:
+    for step in plan:
+        if "cli" in step:
+            code = cli_main(step["cli"])
+            if code != 0:
+                sys.exit(f"cdabench {' '.join(step['cli'])} exited with {code}")
+        elif "copy" in step:
+            if init_process_group(torch.device("cpu")).is_main:
+                shutil.copy(*step["copy"])
+        else:
+            run_script(step["script"], step["out"])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    torch.set_num_threads(1)  # a process of its own: the test's thread count does not reach it (OMP_NUM_THREADS does)
+    run_plan(json.loads(Path(sys.argv[1]).read_text()))
