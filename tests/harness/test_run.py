@@ -1,5 +1,7 @@
 """The suite runner on a tiny task: caching is keyed by what each stage depends on, a re-run of a
-finished suite trains nothing, and a killed suite resumes at the first unfinished cell."""
+finished suite trains nothing, and a killed suite resumes at the first unfinished cell. The task
+keeps the base task's teacher, so each test starts from a cache that holds the session's teacher
+(conftest.py: `private_cache`) and must train no other."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,12 +16,11 @@ from tests.fixtures import child_env, interrupt_at, suite_file, tiny_task_file
 
 
 def write_task(folder: Path, cda_iterations: int = 3, epochs: int = 2) -> str:
-    """The base tiny task (tests/fixtures.py) with a 4-epoch teacher, CDA in batches of 20 and a
-    post-train protocol of its own (`epochs` in batches of 20)."""
+    """The base tiny task (tests/fixtures.py) with CDA in batches of 20 and `epochs` of post-train in
+    batches of 20."""
     return str(tiny_task_file(folder / "tiny.toml", {
-        "teacher.epochs": 4, "teacher.warmup_epochs": 1, "recover.sre2l": None,
-        "recover.cda": {"iterations": cda_iterations, "batch_size": 20, "jitter": 1},
-        "posttrain": {"recipe": {"epochs": epochs, "batch_size": 20, "optimizer": "adamw", "lr": 0.001}}}))
+        "recover.sre2l": None, "recover.cda": {"iterations": cda_iterations, "batch_size": 20, "jitter": 1},
+        "posttrain.recipe.epochs": epochs, "posttrain.recipe.batch_size": 20}))
 
 
 def suite_for(task: str) -> Suite:
@@ -27,8 +28,8 @@ def suite_for(task: str) -> Suite:
     return load_suite(str(suite_file(Path(task).with_name("tiny-suite.toml"), task)))
 
 
-def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch, private_cache):
+    monkeypatch.setenv("CDABENCH_CACHE", str(private_cache))
     out = tmp_path / "run"
     task = write_task(tmp_path)
     # Killed once the first cell is recorded: one record, the rest still to do.
@@ -38,7 +39,7 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
     results = run_suite(suite_for(task), out, device="cpu")
     stored = records.read_records(out / "records.jsonl")
     assert len(results) == 3 and len(stored) == 3          # resumed: the first cell was not redone
-    teachers = list((tmp_path / "cache" / "teachers").iterdir())
+    teachers = list((private_cache / "teachers").iterdir())
     assert len(teachers) == 1
     distilled = sorted(p.name for p in (out / "distilled").iterdir())
     assert len(distilled) == 2
@@ -54,7 +55,7 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
     assert len(records.read_records(out / "records.jsonl")) == 6
     assert sorted(p.name for p in (out / "distilled").iterdir()) == distilled
     assert {p: p.stat().st_mtime_ns for p in shard_times} == shard_times
-    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+    assert len(list((private_cache / "teachers").iterdir())) == 1
 
     # CDA's recover setting changes: only CDA is distilled and evaluated again; random is untouched.
     write_task(tmp_path, cda_iterations=4, epochs=3)
@@ -63,14 +64,14 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch):
     assert len(stored) == 7 and stored[-1]["method"] == "cda"
     after = sorted(p.name for p in (out / "distilled").iterdir())
     assert len(after) == 3 and set(distilled) < set(after)
-    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+    assert len(list((private_cache / "teachers").iterdir())) == 1
 
 
-def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch):
+def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch, private_cache):
     """`--workers 2` evaluates cells in two spawned processes; each cell's record is the one the
     single-process run writes (same keys, same accuracies: one thread either way in this suite),
     and the parent alone writes records.jsonl (every cell exactly once; the workers write nothing)."""
-    monkeypatch.setenv("CDABENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CDABENCH_CACHE", str(private_cache))
     task = write_task(tmp_path)
     one = run_suite(suite_for(task), tmp_path / "one", device="cpu", workers=1)
     two = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
@@ -87,7 +88,7 @@ def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch):
     assert len(records.read_records(tmp_path / "two" / "records.jsonl")) == len(stored)
 
 
-def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
+def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path, private_cache):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while worker processes
     evaluate cells: the run exits without waiting for them, leaves no process behind, keeps every
     finished record, and the next run finishes the rest with each cell recorded once."""
@@ -99,7 +100,7 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
 
     task = write_task(tmp_path, epochs=40)
     suite = suite_file(tmp_path / "tiny-suite.toml", task, methods=["random"], seeds=[0, 1, 2])
-    out, env = tmp_path / "run", child_env(CDABENCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    out, env = tmp_path / "run", child_env(CDABENCH_CACHE=str(private_cache), OMP_NUM_THREADS="2")
     argv = [sys.executable, "-m", "cdabench.cli", "run", "--suite", str(suite), "--out", str(out),
             "--device", "cpu", "--workers", "2", "--quiet"]
     # The run starts with Ctrl-C's default action, as a foreground command in a terminal does. A
@@ -126,9 +127,9 @@ def test_ctrl_c_stops_the_workers_and_a_rerun_finishes(tmp_path: Path):
     assert alive == [], group  # no worker left running
     kept = records.read_records(records_path)
     assert 1 <= len(kept) < 6
-    # The re-run must use the interrupted run's cache: a teacher retrained elsewhere (here at one
-    # thread instead of two) has another hash, and its soft-label cells other keys.
-    results = run_suite(load_suite(str(suite)), out, device="cpu", cache=str(tmp_path / "cache"), workers=1)
+    # The re-run must use the interrupted run's cache: a teacher retrained elsewhere (at another
+    # thread count, say) has another hash, and its soft-label cells other keys.
+    results = run_suite(load_suite(str(suite)), out, device="cpu", cache=str(private_cache), workers=1)
     stored = records.read_records(records_path)
     assert len(results) == 6 and sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in results)
     assert {r["record_hash"] for r in kept} <= {r["record_hash"] for r in results}   # finished cells kept as they were
