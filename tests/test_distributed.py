@@ -78,7 +78,7 @@ def launched(tmp_path_factory):
     r.launch = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
                                str(Path(torchrun_scenarios.__file__)), str(root / "plan.json")],
                               env=child_env(CDABENCH_CACHE=str(root / "default-cache")), capture_output=True, text=True,
-                              timeout=900)
+                              timeout=600)
 
     # After the launch: the one-process references of the other scenarios.
     if r.launch.returncode == 0:  # the teacher the ranks trained recovers the one-process set too
