@@ -15,7 +15,7 @@ from .errors import DataError
 ENCODED_FRACTION = {"png": 1.0, "jpeg75": 0.25}
 
 
-def check_free_space(folder: Path, needed: int, what: str, fix: str = "free disk space") -> None:
+def check_free_space(folder: Path, needed: int, what: str, fix: str) -> None:
     """Refuse before writing `needed` bytes under `folder` when the disk has less free (with 5 %
     headroom), naming the sizes and `fix`."""
     probe = Path(folder)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from cdabench.data import DataError
 from cdabench.data.images import load_imagefolder
-from cdabench.data.prepared import build_prepared, check_free_space, open_prepared, prepared_split, split_fingerprint
+from cdabench.data.prepared import build_prepared, open_prepared, prepared_split, split_fingerprint
+from cdabench.data.resources import check_free_space
 from tests.fixtures import make_imagefolder
 from torchvision.transforms import v2
 
@@ -82,8 +83,8 @@ def test_unfinished_or_foreign_cache_is_not_used(tmp_path: Path):
 
 
 def test_too_little_disk_is_refused_before_writing(tmp_path: Path):
-    with pytest.raises(DataError, match=r"needs .* GiB but .* GiB free"):
-        check_free_space(tmp_path / "not-yet", 1 << 62, "the prepared cache")
+    with pytest.raises(DataError, match=r"the prepared cache needs .* GiB but .* GiB free: use a larger disk"):
+        check_free_space(tmp_path / "not-yet", 1 << 62, "the prepared cache", "use a larger disk")
 
 
 def test_context_serves_image_files_from_the_prepared_cache(tmp_path: Path, monkeypatch):
