@@ -232,6 +232,10 @@ def _load_checkpoint(path: Path, model, optimizer, rng, result: TrainResult) -> 
     return int(state["epoch"]), int(state["step"])
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: everything trained after that point is meaningless."""
+
+
 def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer: Normalizer,
                 device: torch.device, seed: int, image_size: int, description: str = "train",
                 on_epoch=None, checkpoint: Path | None = None, checkpoint_seconds: float = 60.0,
@@ -285,6 +289,13 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
             if group.world > 1:
                 total_loss, seen = group.sum(torch.stack([total_loss, torch.tensor(float(seen), device=device)]))
             entry = {"epoch": epoch + 1, "loss": (total_loss / max(1, seen)).item(), "lr": lr}
+            if not math.isfinite(entry["loss"]):
+                raise TrainingDiverged(
+                    f"{description}: the mean loss of epoch {epoch + 1} is {entry['loss']} (precision {precision}, "
+                    f"lr {recipe.lr}): training diverged and nothing was kept. With bf16 on a CPU, oneDNN can "
+                    "return non-finite weight gradients for tiny convolutions (e.g. a 3x3 stride-2 convolution on "
+                    "a 1x1 map, as timm's test_resnet has at 8 px); use --precision fp32, a model adapted to the "
+                    "image size, or a smaller learning rate")
             if on_epoch is not None:
                 entry.update(on_epoch(epoch, model) or {})
             result.history.append(entry)

@@ -6,8 +6,11 @@ import math
 import pytest
 import torch
 
-from cdabench.engine.train import make_optimizer
+from cdabench.engine.augment import AugmentSpec
+from cdabench.engine.labels import HardLabels
+from cdabench.engine.train import ImageBank, Normalizer, TrainingDiverged, make_optimizer, train_model
 from cdabench.schema import TrainRecipe
+from tests.fixtures import make_tiny_bn_net
 
 
 def test_fused_adamw_step_equals_the_formula():
@@ -41,3 +44,19 @@ def test_fused_sgd_step_equals_the_formula():
     lin.weight.grad = torch.tensor([[1.0]])
     opt.step()  # buf = 0.9 * 1.2 + (1 + 0.1 * 1.4) = 2.22
     assert lin.weight.item() == pytest.approx(1.4 - 0.5 * 2.22)
+
+
+def test_a_diverged_training_run_stops_with_a_clear_error():
+    """A loss that becomes NaN or infinite stops the run at the end of that epoch with the cause
+    and the fixes, instead of training on (a NaN teacher would later fail the class-order guard
+    with a misleading message about the class order)."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8)
+    bank = ImageBank(images, torch.arange(24) % 3)
+    recipe = TrainRecipe(epochs=3, batch_size=8, optimizer="sgd", lr=1e30, momentum=0.0, weight_decay=0.0,
+                         warmup_epochs=0, schedule="constant", augment=AugmentSpec(crop="none", flip=False))
+    labels = HardLabels(recipe.augment, 8)
+    with pytest.raises(TrainingDiverged, match=r"tiny net: the mean loss of epoch 1 is (nan|inf) .*lr 1e\+30.*"
+                                               r"training diverged.*use --precision fp32"):
+        train_model(make_tiny_bn_net(), bank, labels, recipe, Normalizer((0.5,), (0.5,), torch.device("cpu")),
+                    torch.device("cpu"), 0, 8, description="tiny net")
