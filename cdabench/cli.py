@@ -150,6 +150,9 @@ def _dispatch(args, command: str) -> int:
                           allow_label_mismatch=args.allow_label_mismatch)
         if ctx.group.is_main:  # under torchrun every rank holds the record; one appends it
             records.append_record(Path(args.out) / "records.jsonl", record)
+            progress.log(f"{record['method']} ipc {record['ipc']} {record['student']} {record['labels']}: "
+                         f"top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}% "
+                         f"({record['seconds']['posttrain']:.1f}s) -> {Path(args.out) / 'records.jsonl'}")
     return 0
 
 

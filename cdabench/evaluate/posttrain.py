@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cdabench import artifacts, progress
+from cdabench import artifacts
 from cdabench.config import ConfigError
 from cdabench.distill.sets import load_distilled
 from cdabench.distill.squeeze import Teacher, get_teacher, label_agreement_guard
@@ -111,6 +111,4 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         precision=ctx.precision, recover_precision=manifest.get("precision"), distilled_seed=manifest.get("seed"),
         recipe=eval_config["recipe"], kd=eval_config["kd"], adaptation=ctx.adaptation(recipe),
         final_loss=result.history[-1]["loss"])
-    progress.log(f"{record['method']} ipc {record['ipc']} {student} {labels}: top-1 {test['top1']:.2f}% "
-                 f"top-5 {test['top5']:.2f}% ({result.seconds:.1f}s)")
     return ctx.group.broadcast(record)

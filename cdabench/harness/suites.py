@@ -46,10 +46,6 @@ def list_suites() -> list[str]:
     return packaged.names("suites")
 
 
-def list_kinds() -> list[str]:
-    return list(_KINDS)
-
-
 def suite_kind(suite) -> SuiteKind:
     return _KINDS[suite.kind]
 
