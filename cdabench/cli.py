@@ -109,7 +109,7 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
     _holdout_args(p)
     p.add_argument("--workers", default="auto",
-                   help="post-train cells at once: N processes of (threads / N) threads, dealt round-robin over the "
+                   help="cells at once (any suite kind): N processes of (threads / N) threads, dealt round-robin over the "
                         "visible GPUs; auto = one per visible GPU (one per rank under torchrun), 2 on a CPU with "
                         ">= 2 threads (docs/suites.md)")
 
