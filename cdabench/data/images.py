@@ -294,7 +294,7 @@ class ImageSplit(torch.utils.data.Dataset):
         split was loaded) and target, and each directory's modification time (one stat per
         directory: 1,000 on ImageNet rather than 1.28 M). Adding, removing, renaming or replacing
         a file (a new file moved into place) changes a directory's mtime; a file's bytes edited in
-        place do not (docs/methods.md)."""
+        place do not (README, "Data at scale")."""
         folders = sorted({p.parent for p in self._paths})
         hasher.update("\n".join(p.as_posix() for p in self._paths).encode())
         for folder in folders:

@@ -56,15 +56,13 @@ class RealData:
         """
         if self._fingerprint is not None:
             return self._fingerprint
-        if cache is not None and self.train.file_backed:
-            stored = Path(cache) / f"{self.listing_key()}.txt"
-            value = stored.read_text().strip() if stored.is_file() else ""
-            if not _HEX64.match(value):
-                value = self._hash(lambda split, hasher: split.update_hash(hasher))
+        stored = Path(cache) / f"{self.listing_key()}.txt" if cache is not None and self.train.file_backed else None
+        value = stored.read_text().strip() if stored is not None and stored.is_file() else ""
+        if not _HEX64.match(value):
+            value = self._hash(lambda split, hasher: split.update_hash(hasher))
+            if stored is not None:
                 artifacts.atomic_write_bytes(stored, value.encode())
-            self._fingerprint = value
-        else:
-            self._fingerprint = self._hash(lambda split, hasher: split.update_hash(hasher))
+        self._fingerprint = value
         return self._fingerprint
 
     def listing_key(self) -> str:

@@ -39,7 +39,7 @@ def run_suite(suite, out: Path, data_root: str | None = None, device: str = "aut
     if group.is_main:  # records of a killed multi-process run that rank 0 had not merged yet
         records.merge_records(records_path, rank_record_files(out))
     group.barrier()
-    done = {r.get("cell_key"): r for r in records.read_records(records_path)} if records_path.exists() else {}
+    done = _recorded(records_path)
     start = time.perf_counter()
     session = Session(solo(ctx), lambda: get_teacher(ctx))  # the teacher: trained collectively under torchrun
     jobs = kind.plan(ctx, session, suite, out, command)
@@ -67,9 +67,14 @@ def run_suite(suite, out: Path, data_root: str | None = None, device: str = "aut
         if group.is_main:
             records.merge_records(records_path, rank_record_files(out), order=[job.key for job in jobs])
         group.barrier()
-        done = {r.get("cell_key"): r for r in records.read_records(records_path)}
+        done = _recorded(records_path)
     progress.log(f"suite {suite.name}: {len(jobs)} cells in {time.perf_counter() - start:.0f}s -> {records_path}")
     return [done[job.key] for job in jobs]
+
+
+def _recorded(path: Path) -> dict[str, dict]:
+    """The records already in `path`, by cell key."""
+    return {r.get("cell_key"): r for r in records.read_records(path)} if path.exists() else {}
 
 
 def _run_jobs(jobs: list[Job], session: Session, apart: bool, workers: int, world: int, data_root: str | None,
