@@ -3,14 +3,16 @@
 Runs cdabench's recover engine (cdabench.distill.recover.recover_shards) on a random-init
 ResNet-18 teacher (speed does not depend on the weights; no data needed) with the CDA settings of
 tasks/imagenet-1k.toml (224 px, 1000 classes, jitter 32) and tasks/tiny-imagenet.toml (64 px,
-small stem, 200 classes, jitter 4), for K shards per forward and each precision, and prints:
-  size  K  precision  ms per 100-image step  peak GiB  projected GPU-hours (the task at IPC 50)
+small stem, 200 classes, jitter 4), for K shards per forward and each precision, eager and (for
+the sizes and K of --compile-sizes / --compile-shards) compiled (`compile = true`; its compile time
+falls in the warm-up, which then takes a minute or so), and prints:
+  size  K  precision  compiled  ms per 100-image step  peak GiB  projected GPU-hours (the task at IPC 50)
 The projection is shards x iterations x step time: plan_shards(classes, 50, 100) shards of the
 task's 4,000 iterations (ImageNet-1K: 500 shards; Tiny-ImageNet: 100).
 
-    python benchmarks/gpu_recover.py                     # about 2-4 minutes on one H100/H200
+    python benchmarks/gpu_recover.py                     # about 4-5 minutes on one H100/H200
     python benchmarks/gpu_recover.py --device cpu --sizes 16 --shards 1 2 --precisions fp32 \
-        --warmup 1 --steps 1 --batch 10                  # a dry run of the script on a CPU
+        --warmup 1 --steps 1 --batch 10 --compile-sizes  # a dry run of the script on a CPU
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ IPC = 50
 def measure(teacher, config, shards: int, batch: int, size: int, classes: int, device, warmup: int,
             steps: int) -> tuple[float, float]:
     """(ms per B-image step, peak GiB) of K shards per forward, timed over `steps` iterations
-    after `warmup` (cuDNN's algorithm search and allocations happen in the warm-up)."""
+    after `warmup` (cuDNN's algorithm search, allocations and compilation happen in the warm-up)."""
     marks = {}
 
     def on_step(t, ce, bn):   # synchronise only at the two timing points
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile-sizes", nargs="*", type=int, default=[224],
+                        help="sizes also measured compiled (none: eager only)")
+    parser.add_argument("--compile-shards", nargs="*", type=int, default=[4], help="K also measured compiled")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
         return 2
     print(f"device {device_description(device)}, torch {torch.__version__}, "
           f"cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32} (fp32 convolutions use TF32 when True)")
-    print(f"{'size':>5} {'K':>3} {'precision':>9} {'ms/100-img step':>16} {'peak GiB':>9} "
+    print(f"{'size':>5} {'K':>3} {'precision':>9} {'compiled':>8} {'ms/100-img step':>16} {'peak GiB':>9} "
           f"{'GPU-h (task, IPC 50)':>24}")
     for size in args.sizes:
         task_name, classes = TASK_OF_SIZE.get(size, ("tiny-imagenet", 200))
@@ -88,12 +93,15 @@ def main(argv=None) -> int:
                 print(f"{size:>5}   - {precision:>9}  skipped: no native bf16 on this device")
                 continue
             for shards in args.shards:
-                ms, peak = measure(teacher, dataclasses.replace(config, precision=precision), shards, args.batch,
-                                   size, classes, device, args.warmup, args.steps)
-                per_100 = ms * 100 / args.batch
-                hours = shards_total * config.iterations * per_100 / 1000 / 3600
-                print(f"{size:>5} {shards:>3} {precision:>9} {per_100:>16.2f} {peak:>9.2f} "
-                      f"{hours:>14.2f} ({task_name})", flush=True)
+                compiles = [False] + ([True] if size in args.compile_sizes and shards in args.compile_shards else [])
+                for compile in compiles:
+                    run = dataclasses.replace(config, precision=precision, compile=compile)
+                    ms, peak = measure(teacher, run, shards, args.batch, size, classes, device, args.warmup,
+                                       args.steps)
+                    per_100 = ms * 100 / args.batch
+                    hours = shards_total * config.iterations * per_100 / 1000 / 3600
+                    print(f"{size:>5} {shards:>3} {precision:>9} {str(compile).lower():>8} {per_100:>16.2f} "
+                          f"{peak:>9.2f} {hours:>14.2f} ({task_name})", flush=True)
     return 0
 
 

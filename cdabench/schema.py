@@ -108,18 +108,22 @@ class RecoverConfig:
     # a CPU (no reliable gain measured there; bitwise resume) and what free memory holds on a GPU
     # (docs/recover.md).
     shards_per_forward: int = 0
+    # torch.compile of the teacher's hooked forward, compiled once per recover run (eager when
+    # compilation fails here). Equal to eager to float rounding; 1.8x per step at the Tiny-ImageNet
+    # shape on a CPU after about a minute of compiling, so worth it for long runs only (docs/recover.md).
+    compile: bool = False
 
     def __post_init__(self):
         if self.shards_per_forward < 0:
             raise ValueError(f"shards_per_forward must be >= 0 (0: automatic), got {self.shards_per_forward}")
 
     def to_dict(self) -> dict:
-        """What the images depend on. `shards_per_forward` says only how the work is batched (each
-        shard's images are the same up to float rounding; its marker records K), so it is left
-        out: distill keys and distill.json stay those of earlier versions, and a run resumes
-        with another K."""
+        """What the images depend on. `shards_per_forward` and `compile` say only how the work runs
+        (each shard's images are the same up to float rounding; its marker records both), so they
+        are left out: distill keys and distill.json stay those of earlier versions, and a run
+        resumes with another K or with compilation switched."""
         settings = asdict(self)
-        del settings["shards_per_forward"]
+        del settings["shards_per_forward"], settings["compile"]
         return settings
 
 

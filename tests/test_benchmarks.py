@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdabench.distill.recover import freeze, recover_batch, recover_shards
+from cdabench.distill.recover import RecoverForward, freeze, recover_batch, recover_shards
 from cdabench.engine.labels import OnlineKD
 from cdabench.engine.models import create_model
 from cdabench.engine.runtime import bf16_supported
@@ -86,6 +86,30 @@ def test_recover_throughput(benchmark, shards, precision):
     # Recover optimises the images only: no weight gradient is ever computed.
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     _record_throughput(benchmark, shards * batch)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recover_throughput_compiled(benchmark, precision):
+    """The engine with `compile = true`, K = 1, compiled once before the timed round (a long run
+    pays that minute once). Only measured: compiling ResNet-18 takes about a minute here, and
+    the compiled engine's results are tested in tests/distill/test_recover_engine.py."""
+    if benchmark.disabled:
+        pytest.skip("measured with --benchmark-enable only (compiling takes a minute)")
+    if precision == "bf16" and not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16")
+    size, batch = _tiny_shape(benchmark)
+    teacher = _tiny_teacher(size)
+    config = RecoverConfig(iterations=TINY_ITERATIONS, batch_size=batch, jitter=4, crop=CropSchedule("cosine", 1.0),
+                           precision=precision, shards_per_forward=1, compile=True)
+    labels = [[i % TINY_CLASSES for i in range(batch)]]
+    args = (teacher, labels, config, [0], (3, size, size), IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))
+    with RecoverForward(teacher, config, torch.device("cpu")) as forward:
+        recover_shards(*args, forward=forward)                                    # compiles
+        assert forward.compiled, "torch.compile fell back to eager on this machine"
+        results = benchmark.pedantic(recover_shards, args=args, kwargs={"forward": forward}, rounds=1, iterations=1)
+    assert results[0][0].shape == (batch, 3, size, size)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    _record_throughput(benchmark, batch)
 
 
 class _OfficialBNHook:

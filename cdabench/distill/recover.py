@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -196,16 +197,81 @@ def use_channels_last(device: torch.device, precision: str) -> bool:
     return device.type == "cuda" or precision == "bf16"
 
 
+class _TeacherWithBNLoss(nn.Module):
+    """The teacher's forward and its BN-statistics loss as one module, so torch.compile traces
+    both: the hooks and the loss run inside one compiled graph (no graph break)."""
+
+    def __init__(self, teacher: nn.Module, bn_loss: BNStatisticsLoss):
+        super().__init__()
+        self.teacher = teacher
+        self.bn_loss = bn_loss
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.teacher(x), self.bn_loss.value()
+
+
+class RecoverForward:
+    """`(view, shards) -> (logits, BN loss)` of the frozen teacher, made once per recover run.
+    The BN hooks are registered once, and with `compile` the hooked forward is compiled once, so
+    dynamo's guards hold from one shard group to the next (new hook objects per group would
+    recompile every time, and after `torch._dynamo.config.cache_size_limit` recompiles dynamo
+    silently runs eager). The first compiled call compiles forward and backward on a copy of its
+    input; if compilation fails here (no C++ compiler, an unsupported device), it warns once and
+    the run goes on eager. `compiled` says which ran."""
+
+    def __init__(self, teacher: nn.Module, config: RecoverConfig, device: torch.device):
+        freeze(teacher)
+        self.bn_loss = BNStatisticsLoss(teacher, config.first_bn_multiplier, 1, fused=device.type == "cuda")
+        self.module = _TeacherWithBNLoss(teacher, self.bn_loss)
+        self.compiled = config.compile
+        self._forward = torch.compile(self.module) if config.compile else self.module
+        self._tried = False
+
+    def __call__(self, view: torch.Tensor, shards: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.bn_loss.shards = shards      # a guard of the compiled graph: a new K recompiles once
+        if self.compiled and not self._tried:
+            self._tried = True
+            self._try_compile(view)
+        return self._forward(view)
+
+    def _try_compile(self, view: torch.Tensor) -> None:
+        probe = view.detach().clone().requires_grad_(True)
+        try:
+            logits, loss_bn = self._forward(probe)
+            (logits.float().sum() + loss_bn.sum()).backward()
+        except Exception as error:   # any compiler failure: the eager forward computes the same
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"torch.compile of the recover teacher failed here ({type(error).__name__}: "
+                          f"{first_line}); recover runs eager, which gives the same images to float rounding. "
+                          "Set compile = false in the task's [recover.<method>] table to skip the attempt.",
+                          RuntimeWarning, stacklevel=3)
+            self.compiled, self._forward = False, self.module
+            self.bn_loss.terms = [None] * len(self.bn_loss.layers)
+
+    def close(self) -> None:
+        self.bn_loss.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def recover_shards(teacher: nn.Module, labels: list[list[int]], config: RecoverConfig, seeds: list[int],
                    shape: tuple[int, int, int], mean, std, device: torch.device,
-                   on_step=None) -> list[tuple[torch.Tensor, dict]]:
+                   on_step=None, forward: RecoverForward | None = None) -> list[tuple[torch.Tensor, dict]]:
     """Optimise K shards (K = len(seeds), each `labels[k]`, all of one size) as one K x B batch.
     Returns each shard's uint8 (B, C, H, W) images and final losses, as `recover_batch` of that
     shard alone would (to float rounding; bit for bit when K = 1). The loss is the sum of the
     shards' losses, so each shard's images get exactly their own loss's gradient; Adam and the
     clamp act per pixel. `on_step(t, ce, bn)` gets the detached per-shard losses ((K,) tensors, or
-    scalars when K = 1) every iteration; reading them syncs a GPU, so read them rarely."""
-    freeze(teacher)
+    scalars when K = 1) every iteration; reading them syncs a GPU, so read them rarely.
+    `forward`: the run's `RecoverForward` (run_recover makes one for all its shard groups);
+    without it one is made for this call, compiled if `config.compile`."""
+    if forward is None:
+        with RecoverForward(teacher, config, device) as forward:
+            return recover_shards(teacher, labels, config, seeds, shape, mean, std, device, on_step, forward)
     shards = len(seeds)
     if shards < 1 or len(labels) != shards:
         raise ValueError(f"need one label list per seed, got {len(labels)} label lists for {shards} seeds")
@@ -224,19 +290,17 @@ def recover_shards(teacher: nn.Module, labels: list[list[int]], config: RecoverC
     optimizer = torch.optim.Adam([x], lr=config.lr, betas=(0.5, 0.9), eps=1e-8,
                                  fused=True if device.type == "cuda" else None)
     stats: list[dict] = [{} for _ in seeds]
-    with _cudnn_benchmark(device), BNStatisticsLoss(teacher, config.first_bn_multiplier, shards,
-                                                    fused=device.type == "cuda") as bn_loss:
+    with _cudnn_benchmark(device):
         for t in range(config.iterations):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(config.lr, t, config.iterations)
             view = views(x, t)
             with autocast(device, precision):
-                logits = teacher(view)
+                logits, loss_bn = forward(view, shards)
             if shards == 1:
                 loss_ce = F.cross_entropy(logits.float(), y)
             else:
                 loss_ce = F.cross_entropy(logits.float(), y, reduction="none").view(shards, batch).mean(1)
-            loss_bn = bn_loss.value()
             loss = loss_ce + config.r_bn * loss_bn
             optimizer.zero_grad(set_to_none=True)
             (loss if shards == 1 else loss.sum()).backward()
@@ -266,7 +330,7 @@ def shard_bytes_probe(teacher: nn.Module, config: RecoverConfig, batch: int, sha
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    probe = dataclasses.replace(config, iterations=1)
+    probe = dataclasses.replace(config, iterations=1, compile=False)   # eager: an upper bound
     recover_shards(teacher, [[0] * batch], probe, [0], shape, (0.0,) * shape[0], (1.0,) * shape[0], device)
     torch.cuda.synchronize(device)
     return max(1, torch.cuda.max_memory_allocated(device) - base)
@@ -384,7 +448,7 @@ def run_recover(teacher: nn.Module, out: Path, class_folders: list[str], ipc: in
     per_forward = (resolve_shards_per_forward(teacher, config, len(mine[0].labels), shape, device)
                    if mine else 1)
     precision = config.precision or "fp32"
-    with ImageWriter() as writer, progress.track(
+    with RecoverForward(teacher, config, device) as forward, ImageWriter() as writer, progress.track(
             f"recover (rank {group.rank})" if group.world > 1 else "recover", len(mine) * config.iterations) as bar:
         for batch in group_shards(mine, per_forward):
             start = time.perf_counter()
@@ -394,12 +458,12 @@ def run_recover(teacher: nn.Module, out: Path, class_folders: list[str], ipc: in
                 info = f"{names} ce {ce.mean().item():.3f} bn {bn.mean().item():.3f}" if t % PROGRESS_EVERY == 0 else ""
                 bar.advance(len(batch), info)
             results = recover_shards(teacher, [s.labels for s in batch], config,
-                                     [shard_seed(seed, s) for s in batch], shape, mean, std, device, on_step)
+                                     [shard_seed(seed, s) for s in batch], shape, mean, std, device, on_step, forward)
             seconds = (time.perf_counter() - start) / len(batch)
             for shard, (images, stats) in zip(batch, results):
                 marker = {"shard": shard.name, "seed": shard_seed(seed, shard), "seconds": seconds, **stats,
-                          "precision": precision, "shards_per_forward": len(batch), "device": device.type,
-                          "reproducible": reproducibility(device, len(batch))}
+                          "precision": precision, "shards_per_forward": len(batch), "compiled": forward.compiled,
+                          "device": device.type, "reproducible": reproducibility(device, len(batch))}
                 writer.submit(write_shard, out, shard, images, class_folders, config.image_format, marker)
     group.barrier()
     return {s.name: artifacts.read_json(out / "shards" / f"{s.name}.json") for s in shards}

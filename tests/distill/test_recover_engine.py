@@ -309,10 +309,10 @@ def test_gpu_script_dry_run_on_cpu(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--device", "cpu", "--sizes", "8", "--shards", "1", "2", "--precisions", "fp32",
-                        "--warmup", "1", "--steps", "1", "--batch", "4"]) == 0
+                        "--warmup", "1", "--steps", "1", "--batch", "4", "--compile-sizes"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["8"]]
-    assert [(r[1], r[2]) for r in rows] == [("1", "fp32"), ("2", "fp32")]
-    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)   # ms per step, projected hours
+    assert [(r[1], r[2], r[3]) for r in rows] == [("1", "fp32", "false"), ("2", "fp32", "false")]
+    assert all(float(r[4]) > 0 and float(r[6]) > 0 for r in rows)   # ms per step, projected hours
 
 
 def test_shards_per_forward_is_not_a_setting_of_the_images():
@@ -321,3 +321,53 @@ def test_shards_per_forward_is_not_a_setting_of_the_images():
     assert _config(shards_per_forward=4).to_dict() == _config().to_dict()
     assert "shards_per_forward" not in _config().to_dict()
     assert _config(precision="bf16").to_dict() != _config(precision="fp32").to_dict()
+    assert _config(compile=True).to_dict() == _config().to_dict() and "compile" not in _config().to_dict()
+
+
+# ------------------------------------------------------ torch.compile of the hooked forward
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_recover_equals_eager_is_deterministic_and_compiles_once(tmp_path):
+    """`compile = true`: torch.compile (inductor, the real compiler) of the teacher's hooked forward.
+    The images equal eager's to float rounding; two runs, each compiling afresh, are byte-identical;
+    and run_recover compiles one graph for all its shard groups of one size (the hooks and the
+    compiled module are made once per run)."""
+    teacher = freeze(make_tiny_bn_net(num_classes=3))
+    eager = recover_batch(teacher, [0, 1, 2, 0], _config(), 5, (1, 8, 8), MEAN, STD, CPU)
+    compiled = [recover_batch(teacher, [0, 1, 2, 0], _config(compile=True), 5, (1, 8, 8), MEAN, STD, CPU)
+                for _ in range(2)]
+    assert torch.equal(compiled[0][0], compiled[1][0]) and compiled[0][1] == compiled[1][1]
+    assert (compiled[0][0].int() - eager[0].int()).abs().max() <= 1
+    assert compiled[0][1] == pytest.approx(eager[1], rel=1e-4)
+
+    torch._dynamo.reset()
+    before = _graphs_compiled()
+    markers = run_recover(teacher, tmp_path / "compiled", **_run_args(_config(batch_size=3, compile=True)))
+    assert _graphs_compiled() - before == 1      # 4 shard groups, one compiled graph
+    assert all(m["compiled"] and m["reproducible"] == "bitwise" for m in markers.values())
+    plain = run_recover(teacher, tmp_path / "eager", **_run_args(_config(batch_size=3)))
+    assert not any(m["compiled"] for m in plain.values())
+    a, b = _files(tmp_path / "compiled"), _files(tmp_path / "eager")
+    assert sorted(a) == sorted(b) and all(np.abs(_pixels(a[r]) - _pixels(b[r])).max() <= 1 for r in a)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path):
+    """Where compilation fails (here the real inductor pointed at a C++ compiler that does not
+    exist, with its caches off), recover warns once, naming the error and the setting, runs eager
+    and records that: the files are eager's, byte for byte."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    teacher = make_tiny_bn_net(num_classes=3)
+    eager = run_recover(teacher, tmp_path / "eager", **_run_args(_config(batch_size=3), ipc=2))
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            functorch_config.patch(enable_autograd_cache=False), \
+            pytest.warns(RuntimeWarning, match="(?s)torch.compile of the recover teacher failed.*compile = false"):
+        fallback = run_recover(teacher, tmp_path / "fallback", **_run_args(_config(batch_size=3, compile=True), ipc=2))
+    torch._dynamo.reset()
+    assert not any(m["compiled"] for m in fallback.values())
+    assert _files(tmp_path / "fallback") == _files(tmp_path / "eager")
+    assert [m["final_bn"] for m in fallback.values()] == [m["final_bn"] for m in eager.values()]
