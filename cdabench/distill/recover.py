@@ -11,8 +11,9 @@ The engine (docs/recover.md): every iteration's crop box, flip and roll offsets 
 front from the shard's generator (`sample_recover_draws`, the same stream in the same order as a
 loop drawing them as it goes), so the loop does no host work; K shards can run as one batch of
 K x B images through the frozen teacher (`recover_shards`), each with its own statistics, loss,
-crop, flip and roll: the images do not interact in an eval-mode forward, so each shard's images
-are those of the shard recovered alone, to float rounding.
+crop, flip and roll: the images do not interact in an eval-mode forward, so each step computes
+what the shard alone would, to float rounding (over a long run such rounding differences grow:
+docs/recover.md, Determinism).
 """
 from __future__ import annotations
 
@@ -242,7 +243,7 @@ class RecoverForward:
         except Exception as error:   # any compiler failure: the eager forward computes the same
             first_line = (str(error).strip().splitlines() or [""])[0][:300]
             warnings.warn(f"torch.compile of the recover teacher failed here ({type(error).__name__}: "
-                          f"{first_line}); recover runs eager, which gives the same images to float rounding. "
+                          f"{first_line}); recover runs eager, which computes the same steps to float rounding. "
                           "Set compile = false in the task's [recover.<method>] table to skip the attempt.",
                           RuntimeWarning, stacklevel=3)
             self.compiled, self._forward = False, self.module
