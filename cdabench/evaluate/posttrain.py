@@ -108,7 +108,8 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         label_agreement=agreement, epochs=recipe.epochs, num_images=len(bank), image_bytes=manifest.get("image_bytes"),
         label_bytes=store.get("label_bytes", 0),
         teacher_forwards=result.teacher_forwards + store.get("teacher_forwards", 0), seconds=seconds,
-        precision=ctx.precision, recover_precision=manifest.get("precision"), distilled_seed=manifest.get("seed"),
+        precision=ctx.precision, recover_precision=manifest.get("precision"),
+        recover_compiled=manifest.get("compiled"), distilled_seed=manifest.get("seed"),
         recipe=eval_config["recipe"], kd=eval_config["kd"], adaptation=ctx.adaptation(recipe),
         final_loss=result.history[-1]["loss"])
     return ctx.group.broadcast(record)

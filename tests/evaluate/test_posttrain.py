@@ -159,10 +159,10 @@ def test_bf16_run_records_its_precision(tiny_task_path, private_cache, tmp_path)
         out = tmp_path / f"cda-{precision}"
         assert main(["distill", *common, *flag, "--method", "cda", "--ipc", "1", "--out", str(out)]) == 0
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["precision"] == precision
+        assert manifest["precision"] == precision and manifest["compiled"] is False   # recover ran eager
         assert main(["evaluate", *common, *flag, "--data", str(out), "--epochs", "1",
                      "--out", str(tmp_path / "runs")]) == 0
     first, second = [json.loads(line) for line in (tmp_path / "runs" / "records.jsonl").read_text().splitlines()]
-    assert (first["precision"], first["recover_precision"]) == ("bf16", "bf16")
+    assert (first["precision"], first["recover_precision"], first["recover_compiled"]) == ("bf16", "bf16", False)
     assert (second["precision"], second["recover_precision"]) == ("fp32", "fp32")
     assert first["hashes"]["teacher"] != second["hashes"]["teacher"]   # bf16 trains its own teacher
