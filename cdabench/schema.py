@@ -110,8 +110,8 @@ class RecoverConfig:
     shards_per_forward: int = 0
     # torch.compile of the teacher's hooked forward, compiled once per recover run (eager when
     # compilation fails here). A step equals eager's to float rounding; at the Tiny-ImageNet shape on
-    # a CPU core 1.8x the official loop in fp32 and 7x with bf16, after about a minute of compiling,
-    # and compiled bf16 measured to keep the accuracy (docs/recover.md).
+    # a CPU core 1.8x the official loop in fp32 and 7x with bf16, after about a minute of compiling;
+    # compiled bf16 kept the accuracy on the embedded default (docs/recover.md).
     compile: bool = False
 
     def __post_init__(self):
