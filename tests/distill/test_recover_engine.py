@@ -14,8 +14,8 @@ from torch import nn
 
 from cdabench.distill.bn_loss import BNStatisticsLoss
 from cdabench.engine.augment import sample_crop_box
-from cdabench.distill.recover import (ImageWriter, RecoverConfig, freeze, group_shards, initial_noise,
-                                      plan_shards, recover_batch, recover_shards, run_recover,
+from cdabench.distill.recover import (ImageWriter, RecoverConfig, RecoverForward, freeze, group_shards,
+                                      initial_noise, plan_shards, recover_batch, recover_shards, run_recover,
                                       sample_recover_draws)
 from cdabench.engine.runtime import ProcessGroup, bf16_supported
 from cdabench.schema import CropSchedule
@@ -341,6 +341,17 @@ def test_compiled_recover_equals_eager_is_deterministic_and_compiles_once(tmp_pa
     assert torch.equal(compiled[0][0], compiled[1][0]) and compiled[0][1] == compiled[1][1]
     assert (compiled[0][0].int() - eager[0].int()).abs().max() <= 1
     assert compiled[0][1] == pytest.approx(eager[1], rel=1e-4)
+    # One compiled forward serves K = 1 and then K = 2 (the shard count is a guard: it recompiles
+    # rather than reusing the K = 1 graph's statistics).
+    labels, seeds = [[0, 1, 2, 0], [2, 2, 1, 0]], [5, 6]
+    eager_k2 = recover_shards(teacher, labels, _config(), seeds, (1, 8, 8), MEAN, STD, CPU)
+    with RecoverForward(teacher, _config(compile=True), CPU) as forward:
+        recover_shards(teacher, labels[:1], _config(compile=True), seeds[:1], (1, 8, 8), MEAN, STD, CPU, forward=forward)
+        compiled_k2 = recover_shards(teacher, labels, _config(compile=True), seeds, (1, 8, 8), MEAN, STD, CPU,
+                                     forward=forward)
+        assert forward.compiled
+    for (a, a_stats), (b, b_stats) in zip(compiled_k2, eager_k2):
+        assert (a.int() - b.int()).abs().max() <= 1 and a_stats == pytest.approx(b_stats, rel=1e-4)
 
     torch._dynamo.reset()
     before = _graphs_compiled()
