@@ -346,7 +346,8 @@ def test_compiled_recover_equals_eager_is_deterministic_and_compiles_once(tmp_pa
     labels, seeds = [[0, 1, 2, 0], [2, 2, 1, 0]], [5, 6]
     eager_k2 = recover_shards(teacher, labels, _config(), seeds, (1, 8, 8), MEAN, STD, CPU)
     with RecoverForward(teacher, _config(compile=True), CPU) as forward:
-        recover_shards(teacher, labels[:1], _config(compile=True), seeds[:1], (1, 8, 8), MEAN, STD, CPU, forward=forward)
+        recover_shards(teacher, labels[:1], _config(compile=True), seeds[:1], (1, 8, 8), MEAN, STD, CPU,
+                       forward=forward)
         compiled_k2 = recover_shards(teacher, labels, _config(compile=True), seeds, (1, 8, 8), MEAN, STD, CPU,
                                      forward=forward)
         assert forward.compiled
