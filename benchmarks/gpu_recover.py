@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cdabench.config import CDA, load_task, recover_config  # noqa: E402
-from cdabench.distill.recover import freeze, plan_shards, recover_shards  # noqa: E402
+from cdabench.distill.recover import RecoverForward, freeze, plan_shards, recover_shards  # noqa: E402
 from cdabench.engine.models import create_model  # noqa: E402
 from cdabench.engine.runtime import bf16_supported, device_description, prepare_model  # noqa: E402
 
@@ -36,9 +36,10 @@ IPC = 50
 
 
 def measure(teacher, config, shards: int, batch: int, size: int, classes: int, device, warmup: int,
-            steps: int) -> tuple[float, float]:
-    """(ms per B-image step, peak GiB) of K shards per forward, timed over `steps` iterations
-    after `warmup` (cuDNN's algorithm search, allocations and compilation happen in the warm-up)."""
+            steps: int) -> tuple[float, float, bool]:
+    """(ms per B-image step, peak GiB, whether it ran compiled) of K shards per forward, timed over
+    `steps` iterations after `warmup` (cuDNN's algorithm search, allocations and compilation happen
+    in the warm-up). A compile that fails here falls back to eager, with a warning, and says so."""
     marks = {}
 
     def on_step(t, ce, bn):   # synchronise only at the two timing points
@@ -51,11 +52,12 @@ def measure(teacher, config, shards: int, batch: int, size: int, classes: int, d
         torch.cuda.reset_peak_memory_stats(device)
     config = dataclasses.replace(config, iterations=warmup + steps, batch_size=batch, shards_per_forward=shards)
     labels = [[(k * batch + i) % classes for i in range(batch)] for k in range(shards)]
-    recover_shards(teacher, labels, config, list(range(shards)), (3, size, size), (0.485, 0.456, 0.406),
-                   (0.229, 0.224, 0.225), device, on_step)
+    with RecoverForward(teacher, config, device) as forward:
+        recover_shards(teacher, labels, config, list(range(shards)), (3, size, size), (0.485, 0.456, 0.406),
+                       (0.229, 0.224, 0.225), device, on_step, forward)
     seconds = (marks[warmup + steps - 1] - marks[warmup - 1]) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return 1000 * seconds / shards, peak
+    return 1000 * seconds / shards, peak, forward.compiled
 
 
 def main(argv=None) -> int:
@@ -96,11 +98,11 @@ def main(argv=None) -> int:
                 compiles = [False] + ([True] if size in args.compile_sizes and shards in args.compile_shards else [])
                 for compile in compiles:
                     run = dataclasses.replace(config, precision=precision, compile=compile)
-                    ms, peak = measure(teacher, run, shards, args.batch, size, classes, device, args.warmup,
-                                       args.steps)
+                    ms, peak, compiled = measure(teacher, run, shards, args.batch, size, classes, device,
+                                                 args.warmup, args.steps)
                     per_100 = ms * 100 / args.batch
                     hours = shards_total * config.iterations * per_100 / 1000 / 3600
-                    print(f"{size:>5} {shards:>3} {precision:>9} {str(compile).lower():>8} {per_100:>16.2f} "
+                    print(f"{size:>5} {shards:>3} {precision:>9} {str(compiled).lower():>8} {per_100:>16.2f} "
                           f"{peak:>9.2f} {hours:>14.2f} ({task_name})", flush=True)
     return 0
 
