@@ -236,6 +236,8 @@ class RecoverForward:
         return self._forward(view)
 
     def _try_compile(self, view: torch.Tensor) -> None:
+        start = time.perf_counter()
+        progress.log("recover: compiling the teacher (torch.compile; a minute the first time)")
         probe = view.detach().clone().requires_grad_(True)
         try:
             logits, loss_bn = self._forward(probe)
@@ -248,6 +250,8 @@ class RecoverForward:
                           RuntimeWarning, stacklevel=3)
             self.compiled, self._forward = False, self.module
             self.bn_loss.terms = [None] * len(self.bn_loss.layers)
+            return
+        progress.log(f"recover: compiled in {time.perf_counter() - start:.0f} s")
 
     def close(self) -> None:
         self.bn_loss.remove()
