@@ -28,10 +28,10 @@ teacher = _tiny_teacher(64)
 labels = [[i % 200 for i in range(B)]]
 
 
-def ours(precision: str, compile: bool):
+def ours(precision: str, compiled: bool):
     config = RecoverConfig(iterations=T, batch_size=B, jitter=4, crop=CropSchedule("cosine", 1.0),
-                           precision=precision, shards_per_forward=1, compile=compile)
-    if not compile:   # hooks registered per call, as recover_shards alone does
+                           precision=precision, shards_per_forward=1, compile=compiled)
+    if not compiled:   # hooks registered per call, as recover_shards alone does
         return lambda: recover_shards(teacher, labels, config, [0], SHAPE, IMAGENET_MEAN, IMAGENET_STD, CPU)
     # A compiled mode keeps its forward (and its hooks) for all rounds: its own copy of the teacher,
     # so no other mode's hooks run in its forward.

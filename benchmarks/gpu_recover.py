@@ -96,8 +96,8 @@ def main(argv=None) -> int:
                 continue
             for shards in args.shards:
                 compiles = [False] + ([True] if size in args.compile_sizes and shards in args.compile_shards else [])
-                for compile in compiles:
-                    run = dataclasses.replace(config, precision=precision, compile=compile)
+                for want_compiled in compiles:
+                    run = dataclasses.replace(config, precision=precision, compile=want_compiled)
                     ms, peak, compiled = measure(teacher, run, shards, args.batch, size, classes, device,
                                                  args.warmup, args.steps)
                     per_100 = ms * 100 / args.batch

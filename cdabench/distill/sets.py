@@ -78,13 +78,14 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
         artifacts.atomic_write_json(out / "distill.json", run_config)
     ctx.group.barrier()
     start = time.perf_counter()
-    selection, compiled = None, set()
+    selection, compiled = None, None
     if synthetic:
         markers = run_recover(teacher.model, out, folders, ipc, rconfig, seed, ctx.shape, ctx.mean, ctx.std,
                               ctx.device, ctx.group)
         files = {rel: digest for m in markers.values() for rel, digest in m["files"].items()}
         stage_seconds = sum(m["seconds"] for m in markers.values())
-        compiled = {bool(m.get("compiled")) for m in markers.values()}   # a resumed run may mix the two
+        ran = {bool(m.get("compiled")) for m in markers.values()}   # a resumed run may mix the two
+        compiled = ran.pop() if len(ran) == 1 else "mixed"
     elif full:
         files, stage_seconds = {}, 0.0
     else:
@@ -103,7 +104,7 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
         "class_folders": folders, "image_size": ctx.image_size, "channels": ctx.shape[0],
         "image_format": rconfig.image_format if rconfig else "png", "full": full, "selection": selection,
         "precision": rconfig.precision if rconfig else None,  # of recover's teacher forward
-        "compiled": (compiled.pop() if len(compiled) == 1 else "mixed") if synthetic else None,  # recover's
+        "compiled": compiled,  # whether recover's teacher forward was compiled
         "files": files, "images_hash": artifacts.hash_file_map(files) if not full else ctx.data.fingerprint(),
         "image_bytes": sum((out / "images" / rel).stat().st_size for rel in files) if not full else _real_bytes(ctx),
         "teacher": {"hash": teacher.hash, "source": teacher.info.get("source"),
