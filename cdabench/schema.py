@@ -298,6 +298,7 @@ class ExternalSource:
     learned_lr: bool = True              # method-label cells train at the set's learned lr, when it has one
     experiment: int = 0                  # DC/DSA/DM res_*.pt files: which experiment's set
     class_order: tuple[str, ...] = ()
+    ipc: int | None = None               # images per class, checked on reading (a suite needs it to place the set)
 
     def __post_init__(self):
         if self.space not in VALUE_SPACES:

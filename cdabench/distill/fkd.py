@@ -135,7 +135,8 @@ def import_fkd(fkd_dir: Path, image_paths: list[Path], image_root: Path, image_s
                 top, left = c[:, 0].round().long(), c[:, 1].round().long()
                 h = c[:, 2].round().long().clamp(1, image_size)
                 w = c[:, 3].round().long().clamp(1, image_size)
-                boxes[idx] = torch.stack([top.clamp(0, image_size - h), left.clamp(0, image_size - w), h, w], 1).short()
+                boxes[idx] = torch.stack([torch.minimum(top.clamp(min=0), image_size - h),
+                                           torch.minimum(left.clamp(min=0), image_size - w), h, w], 1).short()
                 flips[idx] = torch.as_tensor(flip).bool().reshape(-1)
                 if mix_index is not None:
                     partner[idx] = idx[torch.as_tensor(mix_index).long()].int()

@@ -96,10 +96,12 @@ def read_shipped(path: Path, fmt: str, channels: int, image_size: int, classes: 
 
 # ---------------------------------------------------------------------- reading tensor files
 # DC/DSA/DM's res files and SRe2L's FKD label files hold numpy scalars (accuracies; CutMix box
-# corners from np.clip): numpy's scalar reconstruction and dtype, under the numpy 2 and numpy 1
-# names. They build numbers from bytes; nothing else is allowed.
+# corners from np.clip): numpy's scalar reconstruction (numpy 2 and numpy 1 names), np.dtype and the
+# dtype classes of numeric kinds (numpy 2 builds a dtype's state into them). They build numbers
+# from bytes; nothing else is allowed (an object dtype, for one, is not).
 NUMPY_SCALAR_GLOBALS = (np._core.multiarray.scalar, (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-                        np.dtype)
+                        np.dtype, *(type(np.dtype(code)) for code in ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4",
+                                                                        "u8", "f2", "f4", "f8")))
 
 
 def load_tensor_file(path: Path, what: str, allowed: tuple = ()):

@@ -279,13 +279,17 @@ def load_external(ctx: Context, method: Method) -> ExternalSet:
         fkd_store, fkd_manifest = import_fkd(external_source_path(method, source.fkd_path), shipped.paths, path,
                                              ctx.image_size, source.fkd_input_size or stored, source.fkd_seed, ctx.cache)
     counts = np.bincount(labels.numpy(), minlength=ctx.num_classes)
+    if source.ipc is not None and not (counts == source.ipc).all():
+        raise DataError(f"{where} has {int(counts.min())}..{int(counts.max())} images per class, but its entry says "
+                        f"ipc = {source.ipc}")
     provenance = {"name": method.name, "citation": method.citation, "entry": method.path or None, "path": str(path),
                   **dataclasses.asdict(source), "format": shipped.notes["format"], "label_source": label_source,
                   "learned_lr_value": shipped.lr, "reader": {k: v for k, v in shipped.notes.items() if k != "format"},
                   "dtype": str(shipped.images.dtype).removeprefix("torch."),
                   "fkd": None if fkd_manifest is None else {k: fkd_manifest[k] for k in ("config", "label_hash",
                                                                                           "label_bytes")}}
-    manifest = {"method": method.name, "ipc": int(counts.min()), "seed": None, "files": shipped.files,
+    manifest = {"method": method.name, "ipc": int(counts.min()), "seed": None, "num_images": len(labels),
+                "files": shipped.files,
                 "images_hash": artifacts.hash_file_map(shipped.files), "image_bytes": shipped.image_bytes,
                 "seconds": {}, "source": provenance}
     return ExternalSet(ImageBank(images, labels), manifest, label_source, logits, shipped.lr, fkd_store, fkd_manifest,
