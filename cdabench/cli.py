@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cdabench import config, progress, records
+from cdabench import config, packaged, progress, records
 from cdabench.config import ConfigError
 from cdabench.data import DataError, list_datasets
 from cdabench.distill.formats import detect_format, list_formats
@@ -145,6 +145,7 @@ def _dispatch(args, command: str) -> int:
         print("models:  ", ", ".join(list_models()), "(or any timm name)")
         print("datasets:", ", ".join(list_datasets()))
         print("formats: ", ", ".join(list_formats()), "(evaluate --format; docs/bring-your-own.md)")
+        print("external method examples (copy one beside your set):", packaged.builtin("external"))
         print("suites:  ", ", ".join(list_suites()))
         return 0
     if args.command == "leaderboard":
