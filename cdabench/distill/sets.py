@@ -55,6 +55,9 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
     """`teacher`: one already loaded and guarded (a suite passes its own, so it is not reloaded
     and re-checked for every set)."""
     method = load_method(method_name)
+    if method.kind == "external":
+        raise ConfigError(f"{method_name} is an external method: its set exists already. Evaluate it with "
+                          f"`cdabench evaluate --data {method_name}`, or name it in a suite's --methods")
     out = Path(out)
     full = method.kind == "select" and method.strategy == "full"
     if not full:

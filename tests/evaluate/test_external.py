@@ -182,3 +182,16 @@ def test_the_packaged_example_entries_load():
     for name in names:
         method = load_method(str(packaged.builtin("external", f"{name}.toml")))
         assert method.kind == "external" and method.citation and method.source.ipc
+
+
+def test_the_cifar10_task_uses_the_fields_constants():
+    """DC utils.py, MTT utils.py, DD-Ranking utils/data.py: CIFAR-10 mean and std (also in
+    docs/methods.md's dataset table, which tests/data/test_datasets.py compares with the registry)."""
+    from cdabench.config import load_task
+    from cdabench.data.registry import get_spec
+    task = load_task("cifar10")
+    spec = get_spec(task.dataset)
+    assert (task.dataset, spec.mean, spec.std) == ("cifar10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    convnet = task.posttrain.recipe_for("convnet")
+    assert (convnet.optimizer, convnet.lr, convnet.momentum, convnet.weight_decay, convnet.epochs,
+            convnet.batch_size) == ("sgd", 0.01, 0.9, 5e-4, 1000, 256)
