@@ -114,6 +114,9 @@ def to_pixels(values: torch.Tensor, space: str, where: str, mean=(), std=(), zca
     negative = (values < 0).float().mean().item()
     if space == "pixel":
         pixels = values
+        if negative == 0.0 and values.max().item() > 2.0:
+            raise DataError(f"{where} is declared as pixel values ([0, 1]) but they reach {values.max().item():.0f} "
+                            f"({_stats(values)}): 0..255 values? Save them as uint8, or divide them by 255")
         if outside_fraction(pixels) > MAX_OUTSIDE_FRACTION:
             raise DataError(
                 f"{where} is declared as pixel values ([0, 1]) but {100 * outside_fraction(pixels):.0f}% of its values "
