@@ -503,6 +503,11 @@ def class_major_labels(num_classes: int, ipc: int) -> torch.Tensor:
     return torch.tensor(np.array([np.ones(ipc) * i for i in range(num_classes)]), dtype=torch.long).view(-1)
 
 
+def normalise(ctx, images01: torch.Tensor) -> torch.Tensor:
+    """(pixel - mean) / std with the task's constants: what MTT, DC and DD-Ranking save without ZCA."""
+    return (images01 - torch.tensor(ctx.mean).view(1, -1, 1, 1)) / torch.tensor(ctx.std).view(1, -1, 1, 1)
+
+
 def numpy_kornia_zca(train01: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """kornia.enhance.ZCAWhitening(eps).fit, written out with numpy in float64 (eigh of the unbiased
     covariance of the flattened images): (mean (1, D), T, T_inv), T = U (S + eps)^-1/2 U^T."""

@@ -15,7 +15,6 @@ of batch 0).
 """
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torchvision
 from cdabench import artifacts, progress
 from cdabench.data import DataError
 from cdabench.distill.formats import NUMPY_SCALAR_GLOBALS, load_tensor_file
-from cdabench.engine.labels import epoch_file
+from cdabench.engine.labels import empty_epoch, write_epoch
 
 _EPOCH = re.compile(r"^epoch_(\d+)$")
 _BATCH = re.compile(r"^batch_(\d+)\.tar$")
@@ -113,11 +112,9 @@ def import_fkd(fkd_dir: Path, image_paths: list[Path], image_root: Path, image_s
     with progress.track("import FKD labels", len(table)) as bar:
         for e, batches in enumerate(table):
             order = torch.from_numpy(tv_to_bank[np.asarray(orders[e])])
-            boxes = torch.zeros((n, 4), dtype=torch.int16)
-            flips = torch.zeros(n, dtype=torch.bool)
-            partner = torch.full((n,), -1, dtype=torch.int32)
-            lam = torch.ones(n, dtype=torch.float32)
-            mix_boxes = torch.zeros((n, 4), dtype=torch.int16)
+            record = empty_epoch(n)
+            boxes, flips, partner, lam, mix_boxes = (record[k] for k in ("boxes", "flips", "partner", "lam",
+                                                                          "mix_boxes"))
             logits_all = None
             for b, path in enumerate(batches):
                 batch = _batch(path)
@@ -145,11 +142,8 @@ def import_fkd(fkd_dir: Path, image_paths: list[Path], image_root: Path, image_s
                         x1, y1, x2, y2 = (round(float(v) * scale) for v in bbox)
                         mix_boxes[idx] = torch.tensor([x1, y1, x2 - x1, y2 - y1], dtype=torch.int16)
                 logits_all[idx] = torch.as_tensor(logits).half()
-            record = {"order": order.int(), "boxes": boxes, "flips": flips, "partner": partner, "lam": lam,
-                      "mix_boxes": mix_boxes, "logits": logits_all}
-            buf = io.BytesIO()
-            torch.save(record, buf)
-            artifacts.atomic_write_bytes(epoch_file(root, e), buf.getvalue())
+            record = {"order": order.int(), **record, "logits": logits_all}
+            write_epoch(root, e, record)
             bar.advance(1)
     manifest = {"config": {"epochs": len(table), "batch_size": batch_size, "seed": seed, "mix": mix,
                            "input_size": input_size, "source": "fkd"},

@@ -144,6 +144,20 @@ def epoch_file(root: Path, epoch: int) -> Path:
     return root / f"epoch_{epoch:04d}.pt"
 
 
+def empty_epoch(n: int) -> dict:
+    """One epoch of a store before it is filled, per image: crop box (top, left, h, w), flip,
+    mixing partner (-1: none), own weight, pasted CutMix box. `order` and the logits come after."""
+    return {"boxes": torch.zeros((n, 4), dtype=torch.int16), "flips": torch.zeros(n, dtype=torch.bool),
+            "partner": torch.full((n,), -1, dtype=torch.int32), "lam": torch.ones(n, dtype=torch.float32),
+            "mix_boxes": torch.zeros((n, 4), dtype=torch.int16)}
+
+
+def write_epoch(root: Path, epoch: int, record: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(record, buf)
+    artifacts.atomic_write_bytes(epoch_file(root, epoch), buf.getvalue())
+
+
 @torch.no_grad()
 def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, config: LabelStoreConfig,
                       normalizer, device: torch.device, image_size: int, precision: str = "fp32",
@@ -170,11 +184,9 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
             # Each epoch has its own generator: resuming at epoch e needs nothing from epochs < e.
             rng = np.random.default_rng([config.seed, 0x5EED, epoch])
             order = rng.permutation(n)
-            boxes = torch.zeros((n, 4), dtype=torch.int16)
-            flips = torch.zeros(n, dtype=torch.bool)
-            partner = torch.full((n,), -1, dtype=torch.int32)
-            lam = torch.ones(n, dtype=torch.float32)
-            mix_boxes = torch.zeros((n, 4), dtype=torch.int16)
+            record = empty_epoch(n)
+            boxes, flips, partner, lam, mix_boxes = (record[k] for k in ("boxes", "flips", "partner", "lam",
+                                                                          "mix_boxes"))
             logits_all = None
             for s in range(0, n, config.batch_size):
                 idx = torch.from_numpy(order[s:s + config.batch_size])
@@ -189,16 +201,13 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
                 mix_boxes[idx] = params.mix_boxes.short()
                 partner[idx] = torch.where(params.partner >= 0, idx[params.partner.clamp(min=0)], -1).int()
                 logits_all[idx] = logits.half()
-            record = {"order": torch.from_numpy(order).int(), "boxes": boxes, "flips": flips, "partner": partner,
-                      "lam": lam, "mix_boxes": mix_boxes}
+            record = {"order": torch.from_numpy(order).int(), **record}   # the key order of the files so far
             if config.topk:
                 values, indices = logits_all.float().topk(config.topk, dim=1)
                 record["topk_values"], record["topk_indices"] = values.half(), indices.int()
             else:
                 record["logits"] = logits_all
-            buf = io.BytesIO()
-            torch.save(record, buf)
-            artifacts.atomic_write_bytes(epoch_file(root, epoch), buf.getvalue())
+            write_epoch(root, epoch, record)
             bar.advance(1)
     group.barrier()
     if not group.is_main:

@@ -5,6 +5,7 @@ trains. Nothing here trains a student; tests/evaluate/test_external.py evaluates
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -21,40 +22,24 @@ from cdabench.distill.squeeze import load_teacher
 from cdabench.engine.augment import AugmentSpec
 from cdabench.engine.labels import StoredLabels
 from cdabench.engine.train import ImageBank
-from tests.fixtures import (PickleBomb, cifar100_names, class_colour, class_major_labels, numpy_kornia_zca,
+from tests.fixtures import (normalise, PickleBomb, cifar100_names, class_colour, class_major_labels, numpy_kornia_zca,
                             save_d4m_folder, save_datm, save_dc, save_ddranking, save_fkd_labels, save_mtt,
                             save_sre2l_folder)
 
 IPC = 2
-DIGITS = [str(d) for d in range(10)]
-
-
-@pytest.fixture(scope="module")
-def real_set(tiny_ctx):
-    """IPC-2 real digits (fit split), class-major, as [0, 1] floats: the content every fixture ships."""
-    bank = tiny_ctx.source("fit")
-    idx = torch.cat([torch.nonzero(bank.labels == c)[:IPC, 0] for c in range(10)])
-    return bank.images[idx].float() / 255, class_major_labels(10, IPC)
-
-
-def _normalise(ctx, images01):
-    mean = torch.tensor(ctx.mean).view(1, -1, 1, 1)
-    std = torch.tensor(ctx.std).view(1, -1, 1, 1)
-    return (images01 - mean) / std
 
 
 def _external(ctx, path, fmt="auto", space="pixel", **source):
     method = adhoc_method(str(path), fmt, space)
     if source:
-        import dataclasses
         method = dataclasses.replace(method, source=dataclasses.replace(method.source, **source))
     return load_external(ctx, method)
 
 
 # ------------------------------------------------------------------ the formats
-def test_mtt_normalised_tensors_that_require_grad(tiny_ctx, real_set, tmp_path):
-    images01, labels = real_set
-    run = save_mtt(tmp_path / "mtt", _normalise(tiny_ctx, images01), labels)
+def test_mtt_normalised_tensors_that_require_grad(tiny_ctx, digits_set, tmp_path):
+    images01, labels = digits_set
+    run = save_mtt(tmp_path / "mtt", normalise(tiny_ctx, images01), labels)
     saved = torch.load(run / "images_best.pt", weights_only=True)
     assert saved.requires_grad                                         # the fixture is the optimised leaf
     assert detect_format(run) == "mtt" and detect_format(run / "images_best.pt") == "mtt"
@@ -67,10 +52,10 @@ def test_mtt_normalised_tensors_that_require_grad(tiny_ctx, real_set, tmp_path):
     assert sorted(ext.manifest["files"]) == ["images_best.pt", "labels_best.pt"]
 
 
-def test_mtt_zca_whitened_tensors_and_the_images_zca_file(tiny_ctx, real_set, tmp_path):
+def test_mtt_zca_whitened_tensors_and_the_images_zca_file(tiny_ctx, digits_set, tmp_path):
     """images_best.pt of a --zca run holds whitened values; images_zca_best.pt the inverse-whitened
     pixels despite its name (declared zca, it is refused with that reason)."""
-    images01, labels = real_set
+    images01, labels = digits_set
     train01 = tiny_ctx.data.train.load_all().float().numpy() / 255
     mean, transform, inverse = numpy_kornia_zca(train01, 0.1)
     flat = images01.reshape(len(images01), -1).double().numpy()
@@ -92,10 +77,10 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def test_datm_learned_logits_and_lr(tiny_ctx, real_set, tmp_path):
-    images01, labels = real_set
+def test_datm_learned_logits_and_lr(tiny_ctx, digits_set, tmp_path):
+    images01, labels = digits_set
     logits = torch.nn.functional.one_hot(labels, 10).float() * 4 + 0.1 * torch.randn(len(labels), 10)
-    run = save_datm(tmp_path / "datm", _normalise(tiny_ctx, images01), logits, 0.0123)
+    run = save_datm(tmp_path / "datm", normalise(tiny_ctx, images01), logits, 0.0123)
     assert detect_format(run) == "datm"
     ext = _external(tiny_ctx, run, space="normalized")
     assert torch.equal(ext.bank.labels, labels)                          # class-major, implied
@@ -105,10 +90,10 @@ def test_datm_learned_logits_and_lr(tiny_ctx, real_set, tmp_path):
     assert ext.manifest["source"]["learned_lr_value"] == pytest.approx(0.0123)
 
 
-def test_dc_res_file_with_two_experiments(tiny_ctx, real_set, tmp_path):
-    images01, labels = real_set
+def test_dc_res_file_with_two_experiments(tiny_ctx, digits_set, tmp_path):
+    images01, labels = digits_set
     second = images01.flip(-1)
-    path = save_dc(tmp_path / "dc", [(_normalise(tiny_ctx, images01), labels), (_normalise(tiny_ctx, second), labels)])
+    path = save_dc(tmp_path / "dc", [(normalise(tiny_ctx, images01), labels), (normalise(tiny_ctx, second), labels)])
     assert path.name == "res_DC_digits_ConvNet_2ipc.pt" and detect_format(path) == "dc"
     with pytest.raises(Exception, match="numpy"):       # the file really holds numpy scalars
         torch.load(path, weights_only=True)
@@ -121,21 +106,21 @@ def test_dc_res_file_with_two_experiments(tiny_ctx, real_set, tmp_path):
         _external(tiny_ctx, path, space="normalized", experiment=2)
 
 
-def test_ddranking_class_major_tensors(tiny_ctx, real_set, tmp_path):
-    images01, labels = real_set
-    folder = save_ddranking(tmp_path / "ddr", _normalise(tiny_ctx, images01), torch.randn(len(labels), 10), 0.01)
+def test_ddranking_class_major_tensors(tiny_ctx, digits_set, tmp_path):
+    images01, labels = digits_set
+    folder = save_ddranking(tmp_path / "ddr", normalise(tiny_ctx, images01), torch.randn(len(labels), 10), 0.01)
     assert detect_format(folder) == "ddranking"
     ext = _external(tiny_ctx, folder, space="normalized")
     assert torch.equal(ext.bank.labels, labels) and ext.lr == pytest.approx(0.01)
     assert ext.manifest["source"]["reader"] == {"labels": "class-major, implied"}
-    hard_only = save_ddranking(tmp_path / "ddr-hard", _normalise(tiny_ctx, images01))
+    hard_only = save_ddranking(tmp_path / "ddr-hard", normalise(tiny_ctx, images01))
     ext = _external(tiny_ctx, hard_only, space="normalized")
     assert torch.equal(ext.bank.labels, labels) and ext.logits is None and ext.label_source == "hard"
 
 
-def test_method_constants_for_a_normalized_set(tiny_ctx, real_set, tmp_path):
+def test_method_constants_for_a_normalized_set(tiny_ctx, digits_set, tmp_path):
     """DC normalises CIFAR-100 with its own constants: the entry's mean/std undo exactly those."""
-    images01, labels = real_set
+    images01, labels = digits_set
     path = save_ddranking(tmp_path / "own", (images01 - 0.5) / 0.25)
     ext = _external(tiny_ctx, path, space="normalized", mean=(0.5,), std=(0.25,))
     torch.testing.assert_close(ext.bank.images, images01, atol=1e-6, rtol=0)
@@ -220,9 +205,9 @@ def test_zca_equals_a_hand_computation_of_kornias_formula(tiny_ctx):
     assert task_zca(tiny_ctx, 0.1).key == cached.key and (tiny_ctx.cache / "zca" / f"{cached.key}.pt").is_file()
 
 
-def test_normalised_values_declared_as_pixels_are_refused(tiny_ctx, real_set, tmp_path):
-    images01, labels = real_set
-    run = save_mtt(tmp_path / "mtt", _normalise(tiny_ctx, images01), labels)
+def test_normalised_values_declared_as_pixels_are_refused(tiny_ctx, digits_set, tmp_path):
+    images01, labels = digits_set
+    run = save_mtt(tmp_path / "mtt", normalise(tiny_ctx, images01), labels)
     with pytest.raises(DataError, match="look like normalized"):
         _external(tiny_ctx, run, space="pixel")
     pixels = save_mtt(tmp_path / "pixels", images01, labels)
@@ -291,8 +276,8 @@ def test_labels_method_needs_an_external_set(tiny_task, private_cache, distilled
         evaluate(ctx, distilled("random"), "resnet18", "method", 0)
 
 
-def test_sre2l_folder_reads_as_an_imagefolder(tiny_ctx, real_set, tmp_path):
-    images01, labels = real_set
+def test_sre2l_folder_reads_as_an_imagefolder(tiny_ctx, digits_set, tmp_path):
+    images01, labels = digits_set
     root = save_sre2l_folder(tmp_path / "sre2l", images01, labels)
     assert detect_format(root) == "imagefolder"
     ext = _external(tiny_ctx, root)

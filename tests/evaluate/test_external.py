@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +20,17 @@ from cdabench.engine.augment import AugmentSpec
 from cdabench.engine.labels import HardLabels
 from cdabench.engine.models import create_model
 from cdabench.engine.train import evaluate_model, train_model
-from tests.fixtures import (class_major_labels, numpy_kornia_zca, run_cli, save_d4m_folder, save_datm, save_dc,
+from tests.fixtures import (normalise, numpy_kornia_zca, run_cli, save_d4m_folder, save_datm, save_dc,
                             save_ddranking, save_fkd_labels, save_mtt, save_sre2l_folder, suite_file, write_toml)
 
 IPC = 2
-
-
-@pytest.fixture(scope="module")
-def real_set(tiny_ctx):
-    bank = tiny_ctx.source("fit")
-    idx = torch.cat([torch.nonzero(bank.labels == c)[:IPC, 0] for c in range(10)])
-    return bank.images[idx].float() / 255, class_major_labels(10, IPC)
-
-
-def _normalise(ctx, x):
-    return (x - torch.tensor(ctx.mean).view(1, -1, 1, 1)) / torch.tensor(ctx.std).view(1, -1, 1, 1)
 
 
 def _records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
 
 
-def _entry(path: Path, source: dict, name: str | None = None, citation: str = "a test fixture") -> Path:
+def _entry(path: Path, source: dict, citation: str = "a test fixture") -> Path:
     return write_toml(path, {"kind": "external", "description": "fixture", "citation": citation, "source": source})
 
 
@@ -52,11 +40,11 @@ def _evaluate(cli_common, data, out, *flags) -> dict:
 
 
 @pytest.mark.slow
-def test_every_format_evaluates_and_its_record_says_what_was_used(tiny_ctx, tiny_teacher, real_set, cli_common,
+def test_every_format_evaluates_and_its_record_says_what_was_used(tiny_ctx, tiny_teacher, digits_set, cli_common,
                                                                   tmp_path):
-    images01, labels = real_set
+    images01, labels = digits_set
     out = tmp_path / "records"
-    normalised = _normalise(tiny_ctx, images01)
+    normalised = normalise(tiny_ctx, images01)
 
     # The first-contact case: a random set as {"images", "labels"} in one .pt file.
     torch.save({"images": images01, "labels": labels}, tmp_path / "set.pt")
@@ -121,9 +109,9 @@ def test_every_format_evaluates_and_its_record_says_what_was_used(tiny_ctx, tiny
         assert 0.0 <= record["top1"] <= 100.0 and np.isfinite(record["final_loss"])
 
 
-def test_a_class_shuffled_tensor_set_is_refused_by_the_guard(tiny_ctx, tiny_teacher, real_set, cli_common, tmp_path,
+def test_a_class_shuffled_tensor_set_is_refused_by_the_guard(tiny_ctx, tiny_teacher, digits_set, cli_common, tmp_path,
                                                               capsys):
-    images01, labels = real_set
+    images01, labels = digits_set
     torch.save({"images": images01, "labels": (labels + 1) % 10}, tmp_path / "shuffled.pt")
     code, text = run_cli(capsys, ["evaluate", *cli_common, "--data", str(tmp_path / "shuffled.pt"), "--epochs", "1",
                                   "--out", str(tmp_path / "out")])
@@ -145,11 +133,11 @@ def test_the_convnet_learns(tiny_ctx):
 
 
 @pytest.mark.slow
-def test_an_external_entry_runs_in_the_suite_leaderboard_and_check(tiny_task_path, private_cache, real_set,
+def test_an_external_entry_runs_in_the_suite_leaderboard_and_check(tiny_task_path, private_cache, digits_set,
                                                                    tiny_ctx, tmp_path, capsys):
-    images01, labels = real_set
+    images01, labels = digits_set
     logits = torch.nn.functional.one_hot(labels, 10).float() * 5
-    save_datm(tmp_path / "sets" / "datm", _normalise(tiny_ctx, images01), logits, 0.002)
+    save_datm(tmp_path / "sets" / "datm", normalise(tiny_ctx, images01), logits, 0.002)
     entry = _entry(tmp_path / "sets" / "datm-digits-ipc2.toml",
                    {"path": "datm", "format": "datm", "space": "normalized", "labels": "logits", "ipc": IPC},
                    citation="Guo et al., ICLR 2024")
