@@ -281,7 +281,8 @@ class ExternalSource:
     shipped with the set), "fkd" (an FKD soft-label directory, `fkd_path`), or "auto" (logits when
     the set has them, fkd when fkd_path is set, else hard); logits and FKD labels are used through
     softmax at `temperature` (x T^2 if `t_squared`), the method's protocol. class_order: the task
-    class of each of the set's label indices (empty: index k is the task's class k)."""
+    class of each of the set's label indices, for sets labelled by index (tensor files, folders named
+    by integer); empty: index k is the task's class k."""
 
     path: str
     format: str = "auto"

@@ -252,6 +252,10 @@ def load_external(ctx: Context, method: Method) -> ExternalSet:
     path = external_source_path(method, source.path)
     where = f"the {method.name} set at {path}"
     shipped = read_shipped(path, source.format, ctx.shape[0], ctx.image_size, ctx.classes, source.experiment)
+    if source.class_order and shipped.paths is not None and ctx.classes[0] in {
+            Path(rel).parts[0] for rel in shipped.files}:
+        raise DataError(f"{where}: class_order renumbers label indices, but this folder's class folders are named "
+                        "after the task's classes (they map by name): remove class_order, or name the folders by index")
     labels = _task_labels(shipped.labels, source, ctx, where)
     logits = shipped.logits
     if logits is not None and logits.shape[1] != ctx.num_classes:

@@ -283,3 +283,42 @@ def test_sre2l_folder_reads_as_an_imagefolder(tiny_ctx, digits_set, tmp_path):
     ext = _external(tiny_ctx, root)
     assert torch.equal(ext.bank.images, (images01 * 255).round().to(torch.uint8))
     assert torch.equal(ext.bank.labels, labels) and ext.manifest["ipc"] == IPC
+
+
+def test_gvbsm_indices_are_used_and_other_layouts_refused(tmp_path):
+    """G-VBSM appends the batch's dataset indices (a 7th element): the import uses them and gives the
+    store the sampler replay gives; a batch file of any other length (EDC's patch order) is refused."""
+    classes = cifar100_names()
+    labels = torch.arange(100)
+    torch.manual_seed(1)
+    root = save_d4m_folder(tmp_path / "set", torch.rand(100, 3, 8, 8), labels, size=8)
+    shipped = read_shipped(root, "imagefolder", 3, 8, classes)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), torch.nn.Flatten(), torch.nn.Linear(64, 100))
+    save_fkd_labels(tmp_path / "fkd", root, net, lambda v: v, epochs=2, batch_size=32)
+    orders = fkd_mod.sampler_orders(100, 2, 42)
+    for e in range(2):
+        (tmp_path / "gvbsm" / f"epoch_{e}").mkdir(parents=True)
+        for b, path in enumerate(sorted((tmp_path / "fkd" / f"epoch_{e}").iterdir(), key=lambda p: int(p.stem[6:]))):
+            batch = torch.load(path, weights_only=False)
+            batch.append(torch.tensor(orders[e][b * 32:(b + 1) * 32]))
+            torch.save(batch, tmp_path / "gvbsm" / f"epoch_{e}" / path.name)
+    replayed, _ = fkd_mod.import_fkd(tmp_path / "fkd", shipped.paths, root, 8, 8, 42, tmp_path / "c1")
+    indexed, _ = fkd_mod.import_fkd(tmp_path / "gvbsm", shipped.paths, root, 8, 8, 42, tmp_path / "c2")
+    for e in range(2):
+        a, b = (torch.load(r / f"epoch_{e:04d}.pt", weights_only=True) for r in (replayed, indexed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    batch = torch.load(tmp_path / "fkd" / "epoch_0" / "batch_0.tar", weights_only=False)
+    torch.save(batch + [torch.arange(32), torch.arange(4)], tmp_path / "fkd" / "epoch_0" / "batch_0.tar")
+    with pytest.raises(DataError, match="8 elements.*EDC"):
+        fkd_mod.import_fkd(tmp_path / "fkd", shipped.paths, root, 8, 8, 42, tmp_path / "c3")
+
+
+def test_class_order_maps_a_methods_label_indices_and_logit_columns(tiny_ctx, digits_set, tmp_path):
+    """A method that numbered the digits 9..0: its label k and logit column k are task class 9 - k."""
+    images01, labels = digits_set
+    theirs = 9 - labels
+    logits = torch.nn.functional.one_hot(theirs, 10).float()
+    torch.save({"images": images01, "labels": theirs, "logits": logits}, tmp_path / "set.pt")
+    ext = _external(tiny_ctx, tmp_path / "set.pt", class_order=tuple(str(d) for d in range(9, -1, -1)))
+    assert torch.equal(ext.bank.labels, labels)
+    assert torch.equal(ext.logits.argmax(dim=1), labels)
