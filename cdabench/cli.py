@@ -8,14 +8,15 @@ from pathlib import Path
 
 import torch
 
-from cdabench import config, progress, records
+from cdabench import config, packaged, progress, records
 from cdabench.config import ConfigError
 from cdabench.data import DataError, list_datasets
-from cdabench.distill.sets import distill
+from cdabench.distill.formats import detect_format, list_formats
+from cdabench.distill.sets import adhoc_method, distill
 from cdabench.engine.context import open_context
 from cdabench.engine.models import list_models
 from cdabench.engine.runtime import launched_world, resolve_device
-from cdabench.evaluate.posttrain import evaluate
+from cdabench.evaluate.posttrain import LABEL_PROTOCOLS, evaluate
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import list_suites, load_suite, suite_kind
 from cdabench.results import report
@@ -59,11 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="post-train a student on a distilled set; append a record")
     _common(e)
-    e.add_argument("--data", required=True, help="folder written by `cdabench distill`, or any ImageFolder")
+    e.add_argument("--data", required=True,
+                   help="folder written by `cdabench distill`, any ImageFolder, another method's set (a tensor file or "
+                        "folder: see --format), or a method entry (.toml) naming one (docs/bring-your-own.md)")
+    e.add_argument("--format", default=None,
+                   help="how the set is stored: auto (detected from the path) or one of " + ", ".join(list_formats()))
+    e.add_argument("--space", default=None, choices=("pixel", "normalized", "zca"),
+                   help="the value space of a tensor set: pixel ([0, 1]), normalized (the task's mean/std; another "
+                        "method's constants go in a method entry) or zca (kornia ZCAWhitening, eps 0.1)")
+    e.add_argument("--fkd", default=None, metavar="DIR",
+                   help="the method's FKD soft-label directory (epoch_<e>/batch_<b>.tar) for an image-folder set")
     e.add_argument("--student", default=None,
                    help="a model name (`cdabench list`; default: the first student of the task's panel, resnet18 on "
                         "the papers' tasks)")
-    e.add_argument("--labels", default="soft", choices=("soft", "hard"))
+    e.add_argument("--labels", default="soft", choices=LABEL_PROTOCOLS,
+                   help="soft: our teacher relabels (the task's protocol); hard: class labels; method: an external "
+                        "set's own labels (its logits, FKD directory or class indices) and learned learning rate")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--epochs", type=int, default=None, help="override the task's post-train epochs")
     e.add_argument("--out", required=True, help="folder of records.jsonl")
@@ -134,6 +146,8 @@ def _dispatch(args, command: str) -> int:
         print("methods: ", ", ".join(config.list_methods()))
         print("models:  ", ", ".join(list_models()), "(or any timm name)")
         print("datasets:", ", ".join(list_datasets()))
+        print("formats: ", ", ".join(list_formats()), "(evaluate --format; docs/bring-your-own.md)")
+        print("external method examples (copy one beside your set):", packaged.builtin("external"))
         print("suites:  ", ", ".join(list_suites()))
         return 0
     if args.command == "leaderboard":
@@ -150,13 +164,27 @@ def _dispatch(args, command: str) -> int:
     elif args.command == "evaluate":
         student = args.student or task.panel[0]
         record = evaluate(ctx, args.data, student, args.labels, args.seed, args.teacher, command, args.epochs,
-                          allow_label_mismatch=args.allow_label_mismatch)
+                          allow_label_mismatch=args.allow_label_mismatch, method=_external_method(args))
         if ctx.group.is_main:  # under torchrun every rank holds the record; one appends it
             records.append_record(Path(args.out) / "records.jsonl", record)
             progress.log(f"{record['method']} ipc {record['ipc']} {record['student']} {record['labels']}: "
                          f"top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}% "
                          f"({record['seconds']['posttrain']:.1f}s) -> {Path(args.out) / 'records.jsonl'}")
     return 0
+
+
+def _external_method(args):
+    """The external method `evaluate --data` names: a method entry (.toml), or a set given with
+    --format/--space/--fkd or as a file; None for our folders and plain ImageFolders."""
+    if args.data.endswith(".toml"):
+        method = config.load_method(args.data)
+        if method.kind != "external":
+            raise ConfigError(f"{args.data} is a {method.kind} method, not an external set: run `cdabench distill` for it")
+        return method
+    data = Path(args.data)
+    if args.format or args.space or args.fkd or data.is_file() or (data.is_dir() and detect_format(data) != "imagefolder"):
+        return adhoc_method(args.data, args.format, args.space, args.fkd)
+    return None
 
 
 def _run_or_check(args, command: str) -> int:

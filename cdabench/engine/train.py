@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cdabench import artifacts, progress
+from cdabench.engine.augment import to_unit
 from cdabench.engine.runtime import ProcessGroup, autocast
 from cdabench.schema import TrainRecipe
 
@@ -31,17 +32,14 @@ class Normalizer:
         return (x01 - self.mean) / self.std
 
 
-def to_unit(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x_uint8.to(device, non_blocking=True).float().div_(255.0)
-
-
 class ImageBank:
-    """Training images held in memory as one uint8 tensor (N, C, S, S): distilled sets and small
-    real sets. Gives batches in a given order, and images by index (for stored-label replay)."""
+    """Training images held in memory as one tensor (N, C, S, S): uint8, or float32 pixel-space
+    values in [0, 1] units (distilled sets shipped as tensors). Distilled sets and small real sets.
+    Gives batches in a given order, and images by index (for stored-label replay)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("ImageBank wants uint8 images of shape (N, C, H, W)")
+        if images.dtype not in (torch.uint8, torch.float32) or images.ndim != 4:
+            raise ValueError("ImageBank wants uint8 or float32 pixel-space images of shape (N, C, H, W)")
         self.images, self.labels = images, labels.long()
 
     def __len__(self) -> int:

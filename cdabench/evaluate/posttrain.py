@@ -11,14 +11,20 @@ import torch
 
 from cdabench import artifacts
 from cdabench.config import ConfigError
-from cdabench.distill.sets import load_distilled
+from cdabench.distill.sets import ExternalSet, load_distilled, load_external
+from cdabench.distill.spaces import ZCANormalizer
 from cdabench.distill.squeeze import Teacher, get_teacher, label_agreement_guard
+from cdabench.engine.augment import AugmentSpec
 from cdabench.engine.context import Context
-from cdabench.engine.labels import HardLabels, LabelStoreConfig, OnlineKD, StoredLabels, build_label_store
+from cdabench.engine.labels import (GivenLogits, HardLabels, LabelStoreConfig, OnlineKD, StoredLabels,
+                                    build_label_store)
 from cdabench.engine.models import check_model_name
 from cdabench.engine.runtime import prepare_model
 from cdabench.engine.train import ImageBank, evaluate_model, train_model
 from cdabench.evaluate.record import measurement
+from cdabench.schema import Method
+
+LABEL_PROTOCOLS = ("soft", "hard", "method")   # our relabel, class labels, the method's own labels
 
 
 def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, bank, manifest: dict):
@@ -41,69 +47,112 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
     return source, store
 
 
+def _method_label_source(ext: ExternalSet, recipe, ctx: Context):
+    """A `method`-label cell's targets: the set's class indices, its logits, or its FKD labels."""
+    source = ext.manifest["source"]
+    if ext.label_source == "hard":
+        return HardLabels(recipe.augment, ctx.image_size), {}
+    if ext.label_source == "logits":
+        return GivenLogits(recipe.augment, ctx.image_size, ext.logits, source["temperature"], source["t_squared"]), {}
+    config = ext.fkd_manifest["config"]
+    # The crops, flips and mixing are the method's, replayed from its store; the recipe's are not used.
+    spec = AugmentSpec(crop="rrc", flip=True, mix=config["mix"])
+    return StoredLabels(ext.fkd_store, spec, ctx.image_size, source["temperature"], source["t_squared"],
+                        ctx.num_classes), ext.fkd_manifest
+
+
+def method_lr(source: dict | None, labels: str) -> float | None:
+    """The learned learning rate a `method`-label cell trains at (the set's, when it ships one and
+    its entry keeps learned_lr on); None: the recipe's."""
+    if labels != "method" or not source or not source.get("learned_lr"):
+        return None
+    return source.get("learned_lr_value")
+
+
 def student_recipe(ctx: Context, student: str, epochs: int | None = None, full: bool = False,
-                   images: int | None = None):
+                   images: int | None = None, lr: float | None = None):
     """The task's recipe for `student` on a set of `images` (which sets the epochs under the task's
-    equal_steps_ipc); `epochs` (the command line's --epochs) overrides the result."""
+    equal_steps_ipc); `epochs` (the command line's --epochs) and `lr` (a method's learned learning
+    rate) override the result."""
     recipe = ctx.task.posttrain.recipe_for(student, full, images, ctx.num_classes)
-    return dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
+    recipe = dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
+    return dataclasses.replace(recipe, lr=lr) if lr is not None else recipe
 
 
 def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None, full: bool = False,
-                      images: int | None = None) -> dict:
-    """Everything about post-train that a result depends on (hashed into every record)."""
+                      images: int | None = None, source: dict | None = None) -> dict:
+    """Everything about post-train that a result depends on (hashed into every record); `source`:
+    an external set's provenance (its format, space, labels and files)."""
     kd = ctx.task.posttrain.kd
-    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full, images)), "labels": labels,
-            "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
+    recipe = student_recipe(ctx, student, epochs, full, images, method_lr(source, labels))
+    config = {"recipe": dataclasses.asdict(recipe), "labels": labels,
+              "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
+    if source is not None:
+        config["source"] = source
+    return config
 
 
-def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int,
+def evaluate(ctx: Context, data_dir: str | Path | None, student: str, labels: str, seed: int,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
              teacher: Teacher | None = None,
-             allow_label_mismatch: bool = False) -> dict:
+             allow_label_mismatch: bool = False, method: Method | None = None) -> dict:
     """Train a fresh `student` on the distilled set only; return its record (the last epoch's test
     accuracy and everything the result depends on), on every rank; the caller appends it
     (records.append_record) where it keeps its records.
-    `teacher`: one already loaded and guarded (see `distill`). A folder without our manifest must
-    pass the label-agreement guard (squeeze.label_agreement_guard) unless `allow_label_mismatch`."""
-    if labels not in ("soft", "hard"):
-        raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
+    `teacher`: one already loaded and guarded (see `distill`). A folder without our manifest, and
+    every external set, must pass the label-agreement guard (squeeze.label_agreement_guard) unless
+    `allow_label_mismatch`. `method`: an external method (its [source] table says where the set is
+    and how to read it; `data_dir` is then unused). `labels`: soft (our relabel), hard, or method
+    (an external set's own labels: class indices, logits or FKD directory, and its learned lr)."""
+    if labels not in LABEL_PROTOCOLS:
+        raise ConfigError(f"--labels must be one of {', '.join(LABEL_PROTOCOLS)}, got {labels!r}")
     check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
-    bank, manifest = load_distilled(ctx, data_dir)
+    ext = load_external(ctx, method) if method is not None else None
+    bank, manifest = (ext.bank, ext.manifest) if ext is not None else load_distilled(ctx, data_dir)
+    if labels == "method" and ext is None:
+        raise ConfigError("--labels method uses an external set's own labels: pass the set with --format/--space, "
+                          "or a method entry (.toml), not one of our distilled folders (use soft or hard)")
     full = bool(manifest.get("full"))
-    recipe = student_recipe(ctx, student, epochs, full, len(bank))
-    external = manifest.get("method") == "external"
+    source = manifest.get("source")
+    recipe = student_recipe(ctx, student, epochs, full, len(bank), method_lr(source, labels))
+    external = manifest.get("method") == "external" or ext is not None
     if teacher is None and (labels == "soft" or (external and not allow_label_mismatch)):
         teacher = get_teacher(ctx, teacher_path)
     agreement = None
     if teacher is not None and not full:
-        agreement = label_agreement_guard(ctx, teacher, bank, str(data_dir),
+        agreement = label_agreement_guard(ctx, teacher, bank, str(source["path"] if source else data_dir),
                                           enforce=external and not allow_label_mismatch)
     if labels != "soft":
-        teacher = None  # the guard's teacher only: hard labels use none
+        teacher = None  # the guard's teacher only: hard and method labels use none
     relabel_start = time.perf_counter()
-    label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
+    if labels == "method":
+        label_source, store = _method_label_source(ext, recipe, ctx)
+    else:
+        label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
     relabel_seconds = time.perf_counter() - relabel_start
+    # A ZCA set's student sees whitened inputs, and so do the real images it is tested on (as MTT/DATM evaluate).
+    normalizer = ZCANormalizer(ext.zca, ctx.device) if ext is not None and ext.zca is not None else ctx.normalizer()
     torch.manual_seed(seed)
     model = prepare_model(ctx.new_model(recipe), ctx.device)
-    result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
+    result = train_model(model, bank, label_source, recipe, normalizer, ctx.device, seed, ctx.image_size,
                          description=f"post-train {student} ({manifest.get('method')}, {labels})",
                          precision=ctx.precision, group=ctx.group)
     if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and builds the one record
         return ctx.group.broadcast(None)
-    test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
-    heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+    test = evaluate_model(model, ctx.source("test"), normalizer, ctx.device, precision=ctx.precision)
+    heldout = evaluate_model(model, ctx.source("heldout"), normalizer, ctx.device, precision=ctx.precision)
     kd = ctx.task.posttrain.kd
-    eval_config = evaluation_config(ctx, student, labels, epochs, full, len(bank))
+    eval_config = evaluation_config(ctx, student, labels, epochs, full, len(bank), source)
     seconds = dict(manifest.get("seconds", {}))
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
     if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)
         seconds["squeeze"] = teacher.info.get("seconds", 0.0)
     hashes = {"images": manifest.get("images_hash"), "labels": store.get("label_hash"),
               "teacher": teacher.hash if teacher else None, "eval_config": artifacts.hash_config(eval_config)}
+    protocol = {"soft": f"{kd.mode}-kd", "hard": "hard"}.get(labels) or f"method-{ext.label_source}"
     record = measurement(
         ctx, "cross-arch", hashes, command, method=manifest.get("method"), ipc=manifest.get("ipc"), student=student,
-        labels=labels, label_protocol=f"{kd.mode}-kd" if labels == "soft" else "hard", seed=seed,
+        labels=labels, label_protocol=protocol, seed=seed,
         top1=test["top1"], top5=test["top5"], heldout_top1=heldout["top1"], metric="last-epoch",
         label_agreement=agreement, epochs=recipe.epochs, num_images=len(bank), image_bytes=manifest.get("image_bytes"),
         label_bytes=store.get("label_bytes", 0),
@@ -112,4 +161,6 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         recover_compiled=manifest.get("compiled"), distilled_seed=manifest.get("seed"),
         recipe=eval_config["recipe"], kd=eval_config["kd"], adaptation=ctx.adaptation(recipe),
         final_loss=result.history[-1]["loss"])
+    if source is not None:
+        record["source"] = source
     return ctx.group.broadcast(record)

@@ -13,10 +13,10 @@ import timm
 
 from cdabench import artifacts
 from cdabench.config import ConfigError, load_method, load_task, split_settings
-from cdabench.distill.sets import distill
+from cdabench.distill.sets import distill, load_external
 from cdabench.engine.context import Context
 from cdabench.engine.models import MODELS
-from cdabench.evaluate.posttrain import evaluate, evaluation_config
+from cdabench.evaluate.posttrain import LABEL_PROTOCOLS, evaluate, evaluation_config
 from cdabench.harness.cells import Job, Session, distill_seed, set_folder
 from cdabench.schema import Suite
 
@@ -58,9 +58,14 @@ def validate(suite: Suite) -> None:
     unknown = [s for s in suite.students or task.panel if s not in MODELS and not timm.is_model(s)]
     if unknown:
         raise ConfigError(f"unknown student(s) {', '.join(unknown)}: use {', '.join(sorted(MODELS))} or a timm model name")
-    bad = [label for label in suite.labels if label not in ("soft", "hard")]
+    bad = [label for label in suite.labels if label not in LABEL_PROTOCOLS]
     if bad:
-        raise ConfigError(f"unknown label protocol(s) {', '.join(bad)}: use soft or hard")
+        raise ConfigError(f"unknown label protocol(s) {', '.join(bad)}: use {', '.join(LABEL_PROTOCOLS)}")
+    for name in suite.methods:
+        method = load_method(name)
+        if method.kind == "external" and method.source.ipc is None:
+            raise ConfigError(f"external method {name}: name its images per class in the entry ([source] ipc = N), "
+                              "so that the suite can place it beside the other methods' cells")
 
 
 def expand(suite: Suite) -> list[Cell]:
@@ -71,12 +76,15 @@ def expand(suite: Suite) -> list[Cell]:
     for method_name in suite.methods:
         method = load_method(method_name)
         full = method.kind == "select" and method.strategy == "full"
-        for ipc in ([None] if full else ipcs):
+        external = method.kind == "external"
+        for ipc in ([None] if full else [method.source.ipc] if external else ipcs):
             for seed in suite.seeds:
                 for student in suite.students or task.panel:
-                    labels = list(suite.labels)
+                    labels = [lab for lab in suite.labels if external or lab != "method"]
                     if method_name in suite.hard_label_methods and "hard" not in labels:
                         labels.append("hard")
+                    if external and "method" not in labels:   # its own labels beside our relabel
+                        labels.append("method")
                     cells.extend(Cell(task.name, method_name, ipc, student, lab, seed) for lab in labels)
     return cells
 
@@ -98,8 +106,9 @@ def plan(ctx: Context, session: Session, suite: Suite, out: Path, command: str) 
     sets = {}
     for cell in cells:
         set_key = (cell.method, cell.ipc, distill_seed(cell.method, cell.seed))
-        if set_key not in sets:
-            sets[set_key] = set_folder(ctx, out, *set_key)
+        if set_key not in sets:   # an external set is read where it is; ours are made under `out`
+            external = load_method(cell.method).kind == "external"
+            sets[set_key] = None if external else set_folder(ctx, out, *set_key)
     selected = [k for k in sets if load_method(k[0]).kind == "select"]
     for i, set_key in enumerate(selected):
         if i % group.world == group.rank:
@@ -107,6 +116,9 @@ def plan(ctx: Context, session: Session, suite: Suite, out: Path, command: str) 
     group.barrier()
     manifests = {}
     for set_key, folder in sets.items():  # recover: every rank takes its shards; the rest: read back
+        if folder is None:   # checked (format, space, classes, IPC) before any cell trains
+            manifests[set_key] = load_external(ctx, load_method(set_key[0])).manifest
+            continue
         stage = session.ctx if set_key in selected else ctx
         manifests[set_key] = distill(stage, *set_key, folder, command=command, teacher=teacher)
     jobs = []
@@ -114,19 +126,27 @@ def plan(ctx: Context, session: Session, suite: Suite, out: Path, command: str) 
         set_key = (cell.method, cell.ipc, distill_seed(cell.method, cell.seed))
         manifest = manifests[set_key]
         full = bool(manifest.get("full"))
-        images = len(ctx.fit) if full else len(manifest["files"])  # full: the fit split, no copies
-        eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full, images=images)
+        # full: the fit split, no copies; an external set: its image count (its files may be tensor files)
+        images = len(ctx.fit) if full else manifest.get("num_images") or len(manifest["files"])
+        eval_config = evaluation_config(ctx, cell.student, cell.labels, full=full, images=images,
+                                        source=manifest.get("source"))
         key = cell_key(cell, manifest["images_hash"], eval_config, teacher.hash, split_settings(ctx.task))
         steps = eval_config["recipe"]["epochs"] * math.ceil(images / eval_config["recipe"]["batch_size"])
+        folder = sets[set_key]
         jobs.append(Job(key, cell.name, steps, evaluate_cell,
-                        {"folder": str(sets[set_key]), "student": cell.student, "labels": cell.labels,
-                         "seed": cell.seed, "command": command}))
+                        {"folder": None if folder is None else str(folder), "student": cell.student,
+                         "labels": cell.labels, "seed": cell.seed, "command": command,
+                         "external": cell.method if folder is None else None}))
     return jobs
 
 
-def evaluate_cell(session: Session, folder: str, student: str, labels: str, seed: int, command: str) -> dict:
-    """One cell: a fresh student post-trained on the set in `folder`; its record."""
-    return evaluate(session.ctx, folder, student, labels, seed, command=command, teacher=session.teacher())
+def evaluate_cell(session: Session, folder: str | None, student: str, labels: str, seed: int, command: str,
+                  external: str | None = None) -> dict:
+    """One cell: a fresh student post-trained on the set in `folder` (or the external method
+    entry `external` names); its record."""
+    method = load_method(external) if external else None
+    return evaluate(session.ctx, folder, student, labels, seed, command=command, teacher=session.teacher(),
+                    method=method)
 
 
 def summary(record: dict) -> str:

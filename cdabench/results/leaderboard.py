@@ -111,6 +111,32 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
     return "\n".join(lines)
 
 
+def external_section(rows: list[dict]) -> list[str]:
+    """Where every external method's set came from (records' `source`): one row per set."""
+    seen = {}
+    for r in rows:
+        source = r.get("source")
+        if source:
+            seen.setdefault((r["method"], r["hashes"].get("images")), source)
+    if not seen:
+        return []
+    table = []
+    for (method, images), s in sorted(seen.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        space = s["space"] + (f" (eps {s['zca_eps']:g})" if s["space"] == "zca" else "")
+        if s["space"] == "normalized":
+            space += f" (mean {tuple(s['mean']) or 'task'}, std {tuple(s['std']) or 'task'})"
+        lr = "–" if s.get("learned_lr_value") is None else f"{s['learned_lr_value']:.4g}" + ("" if s["learned_lr"] else " (not used)")
+        labels = s["label_source"] + (f", T = {s['temperature']:g}" if s["label_source"] in ("logits", "fkd") else "")
+        table.append([method, s.get("citation") or "–", s["format"], space, labels, lr, f"`{(images or '')[:16]}`",
+                      f"`{s['path']}`"])
+    return ["## External methods", "",
+            "Sets another method made, read as that method ships them (docs/bring-your-own.md). Their soft-label "
+            "rows use our teacher's relabel, like every other method's; `(method)` rows train on the method's own "
+            "labels (and learned learning rate, where it ships one).", "",
+            *report.md_table(["method", "citation", "format", "value space", "own labels", "learned lr",
+                              "images hash", "path"], table), ""]
+
+
 def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
     """Write <task>.md, <task>.csv and the PNG plots for every task in the records."""
     out = Path(out)
@@ -137,7 +163,7 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
         section = continual_report.markdown_section(
             continual, [p for p in published_continual if p["dataset"] == dataset], continual_figures)
         md = _markdown(task, cross, summaries, [p for p in published_cross_arch if p["dataset"] == dataset], figures,
-                       extra=section, provenance_rows=rows)
+                       extra=external_section(cross) + section, provenance_rows=rows)
         for name, text in ((f"{task}.md", md), (f"{task}.csv", _csv_text(rows))):
             artifacts.atomic_write_bytes(out / name, text.encode())
             written.append(out / name)

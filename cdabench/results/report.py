@@ -23,7 +23,8 @@ def student_order(name: str) -> tuple:
 
 
 def row_label(method: str, labels: str) -> str:
-    return method if labels == "soft" else f"{method} (hard)"
+    """soft: the plain name; hard / method (an external set's own labels): named in brackets."""
+    return method if labels == "soft" else f"{method} ({labels})"
 
 
 @dataclass
