@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 
 from cdabench import progress
-from cdabench.harness.shards import Shard, prune_shard_folders
+from cdabench.harness.shards import Shard, folder_shard, prune_shard_folders
 
 LOCK = "run.lock"
 
@@ -82,11 +82,10 @@ class FolderLock:
     def _conflicting(self) -> list[Path]:
         """The locks this one excludes: every shard's for the whole folder; the whole folder's and
         those of shards of another count for a shard."""
-        shards = sorted((self.out / "shards").glob(f"shard*of*/{LOCK}"))
+        shards = [p for p in sorted((self.out / "shards").glob(f"shard*of*/{LOCK}")) if folder_shard(p.parent.name)]
         if self.shard is None:
             return shards
-        own = f"of{self.shard.count}"
-        return [self.out / LOCK] + [p for p in shards if not p.parent.name.endswith(own)]
+        return [self.out / LOCK] + [p for p in shards if folder_shard(p.parent.name).count != self.shard.count]
 
 
 def _claim(out: Path, path: Path, info: dict) -> dict:
@@ -207,9 +206,14 @@ def _in_use(out: Path, holders: list[tuple[Path, dict]]) -> str:
             continue
         shard = f" shard {holder['shard']}" if holder.get("shard") else ""
         lines.append(f"  held by{shard} {_who(holder)}: {holder.get('command') or '(no command recorded)'}")
-        if _alive(holder) is None:
+        alive = _alive(holder)
+        if alive is None:
             lines.append(f"  it runs on another host, so it cannot be checked from here: if that run is gone, "
                          f"remove {path} and launch again")
-        else:
+        elif alive:
             lines.append(f"  it is still running on this host: wait for it, or stop it (kill {holder.get('pid')})")
+        else:
+            guard = path.with_name(path.name + ".takeover")
+            lines.append(f"  that process is gone, but another launch was taking its lock over: launch again; if "
+                         f"this repeats, no launch is running and {guard} is left over: remove it")
     return "\n".join(lines)

@@ -75,6 +75,12 @@ def _slurm_shard(environ: Mapping[str, str]) -> Shard:
     return Shard(task - low + 1, count)
 
 
+def folder_shard(name: str) -> Shard | None:
+    """The shard whose folder under <out>/shards/ is `name` (shard<I>of<N>), or None."""
+    match = _FOLDER.match(name)
+    return Shard(int(match[1]), int(match[2])) if match else None
+
+
 def shard_records_path(out: Path, shard: Shard) -> Path:
     """Where a shard writes its cells' records (merged into records.jsonl by a later plain run)."""
     return Path(out) / "shards" / shard.folder / "records.jsonl"
@@ -82,12 +88,8 @@ def shard_records_path(out: Path, shard: Shard) -> Path:
 
 def shard_record_files(out: Path, count: int | None = None) -> list[Path]:
     """The record files of the folder's shards (of `count` shards only, when given)."""
-    files = []
-    for path in sorted((Path(out) / "shards").glob("shard*of*/records.jsonl")):
-        match = _FOLDER.match(path.parent.name)
-        if match and (count is None or int(match[2]) == count):
-            files.append(path)
-    return files
+    return [path for path in sorted((Path(out) / "shards").glob("shard*of*/records.jsonl"))
+            if (shard := folder_shard(path.parent.name)) and (count is None or shard.count == count)]
 
 
 def prune_shard_folders(out: Path) -> None:

@@ -80,6 +80,10 @@ def test_shards_of_one_array_share_the_folder_and_exclude_every_other_run(tmp_pa
         with pytest.raises(FolderInUse, match="whole folder"):
             with FolderLock(out, "shard", Shard(2, 2)):
                 pass
+    with FolderLock(out, "thirteen", Shard(1, 13)):     # shard1of13 is not a shard of 3
+        with pytest.raises(FolderInUse, match="shard 1/13"):
+            with FolderLock(out, "three", Shard(2, 3)):
+                pass
     assert list(out.iterdir()) == []
 
 
