@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +20,9 @@ from cdabench.engine.context import open_context
 from cdabench.engine.models import list_models
 from cdabench.engine.runtime import launched_world, resolve_device
 from cdabench.evaluate.posttrain import LABEL_PROTOCOLS, evaluate
-from cdabench.harness.run import run_suite
+from cdabench.harness.lock import FolderInUse
+from cdabench.harness.run import STAGES, run_suite
+from cdabench.harness.shards import parse_shard
 from cdabench.harness.suites import list_suites, load_suite, suite_kind
 from cdabench.results import report
 from cdabench.results.check import compare, read_targets
@@ -86,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a suite (a grid of method x IPC x student x labels x seed)")
     _suite_args(r)
     r.add_argument("--out", default=None, help="run folder (default runs/<suite>)")
+    r.add_argument("--stages", default="all", choices=STAGES,
+                   help="shared: make the teacher and every distilled set, run no cell (the first job of a "
+                        "Slurm recipe; README)")
+    r.add_argument("--shard", default=None, metavar="I/N|slurm",
+                   help="run only the cells dealt to shard I of N (one job of an array; the shared stages must "
+                        "exist), into <out>/shards/; slurm: this array task's shard (SLURM_ARRAY_TASK_ID, "
+                        "SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT). A later plain run merges the shards' records")
 
     c = sub.add_parser("check", help="run a suite and compare its cells with committed targets")
     _suite_args(c)
@@ -134,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_quiet(getattr(args, "quiet", False))
     command = "cdabench " + " ".join(shlex.quote(a) for a in argv)
     try:
-        return _dispatch(args, command)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+        with _exit_on_sigterm():
+            return _dispatch(args, command)
+    except (ConfigError, DataError, ValueError, FileNotFoundError, FolderInUse) as exc:
         progress.console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
 
@@ -195,11 +208,16 @@ def _run_or_check(args, command: str) -> int:
         raise ConfigError(f"{suite.kind} suites have no regression targets: use `cdabench run --suite {args.suite}`")
     out = Path(args.out or f"runs/{suite.name}")
     if args.command == "check" and args.records:
-        results = records.read_records(Path(args.records) / "records.jsonl")
+        results, duplicates = records.unique_cells(records.read_records(Path(args.records) / "records.jsonl"))
+        if duplicates:
+            print(f"{len(duplicates)} record(s) in {args.records} repeat a cell already recorded (same cell_key): "
+                  f"each cell is counted once ({', '.join(sorted({str(r.get('cell')) for r in duplicates}))})")
     else:
+        shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
         results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
                             workers=_workers(args.workers, args.device), precision=args.precision,
-                            holdout=(args.holdout_per_class, args.holdout_fraction))
+                            holdout=(args.holdout_per_class, args.holdout_fraction), shard=shard,
+                            stages=getattr(args, "stages", "all"))
     tables = continual_tables([r for r in results if records.is_continual(r)])
     tables += [report.rich_table(s) for s in report.summarise(results)]
     for table in tables:
@@ -215,6 +233,23 @@ def _run_or_check(args, command: str) -> int:
     failed = sum(s.failed for s in statuses)
     print(f"{len(statuses) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+@contextmanager
+def _exit_on_sigterm():
+    """SIGTERM (a scheduler's time limit or scancel) ends the command as an exception would, so a
+    run releases its folder's lock and stops its workers; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _workers(value: str, device: str) -> int:

@@ -63,6 +63,19 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def unique_cells(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, duplicates): the first record of every cell, and the later records of a cell already
+    kept. A cell is its `cell_key` (a suite's cells), else its record hash (`cdabench evaluate`).
+    Two runs launched on one folder by an older version, or a record copied by hand, leave two
+    records of one cell: it is one measurement, counted once."""
+    kept, duplicates, seen = [], [], set()
+    for record in records:
+        key = _merge_key(record)
+        (duplicates if key in seen else kept).append(record)
+        seen.add(key)
+    return kept, duplicates
+
+
 def merge_records(path: Path, parts: list[Path], order: list[str] | None = None) -> list[dict]:
     """Append to `path` the records of the files `parts` (each rank's records of a multi-process
     suite) that it does not hold yet (by cell_key, else record hash), in one atomic write, then

@@ -23,7 +23,7 @@ from cdabench.distill.formats import read_shipped
 from cdabench.distill.recover import image_relpath, run_recover
 from cdabench.distill.select import select_herding, select_random
 from cdabench.distill.spaces import ZCA, task_zca, to_pixels
-from cdabench.distill.squeeze import Teacher, get_teacher
+from cdabench.distill.squeeze import StageMissing, Teacher, get_teacher
 from cdabench.engine.context import Context, check_ipc, eval_transform
 from cdabench.engine.runtime import device_description, versions
 from cdabench.engine.train import ImageBank
@@ -51,9 +51,11 @@ def _check_same_run(path: Path, config: dict) -> None:
 
 
 def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str | Path,
-            teacher_path: str | None = None, command: str = "", teacher: Teacher | None = None) -> dict:
+            teacher_path: str | None = None, command: str = "", teacher: Teacher | None = None,
+            make: bool = True) -> dict:
     """`teacher`: one already loaded and guarded (a suite passes its own, so it is not reloaded
-    and re-checked for every set)."""
+    and re-checked for every set). `make=False`: read back a finished set only (StageMissing
+    when `out` holds none; a shard of a suite makes no shared stage)."""
     method = load_method(method_name)
     if method.kind == "external":
         raise ConfigError(f"{method_name} is an external method: its set exists already. Evaluate it with "
@@ -81,6 +83,9 @@ def distill(ctx: Context, method_name: str, ipc: int | None, seed: int, out: str
     _check_same_run(out / "distill.json", run_config)
     if (out / MANIFEST).exists():  # finished earlier with the same configuration: nothing to do
         return artifacts.read_json(out / MANIFEST)
+    if not make:
+        raise StageMissing(f"the distilled set {method.name} {'full' if full else f'ipc {ipc}'} seed {seed} "
+                           f"is not finished in {out} (no {MANIFEST})")
     if ctx.group.is_main:
         if not full:  # before anything is written: the set's disk, printed and checked
             check_images_on_disk(out, ipc * ctx.num_classes, ctx.shape, rconfig.image_format if rconfig else "png",

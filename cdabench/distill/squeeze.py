@@ -21,6 +21,11 @@ from cdabench.engine.runtime import prepare_model, seed_everything
 from cdabench.engine.train import ImageBank, evaluate_model, train_model
 
 
+class StageMissing(FileNotFoundError):
+    """A stage that this process may only read (a shard of a suite makes no shared stage) is not
+    on disk: its message names what is missing and where it was looked for."""
+
+
 @dataclass
 class Teacher:
     model: nn.Module
@@ -39,12 +44,16 @@ def _new_teacher(ctx: Context) -> nn.Module:
     return ctx.new_model(ctx.task.teacher)
 
 
-def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
+def train_teacher(ctx: Context, seed: int = 0, train: bool = True) -> Teacher:
     """Train (or reuse) the task's teacher. Under torchrun every rank trains it data-parallel
-    (train_model with the context's group); rank 0 evaluates and saves it, the others then load it."""
+    (train_model with the context's group); rank 0 evaluates and saves it, the others then load it.
+    `train=False`: reuse only; StageMissing when the cache does not hold it."""
     key = teacher_key(ctx, seed)
     folder = ctx.cache / "teachers" / key
     weights, meta_path = folder / "teacher.pt", folder / "teacher.json"
+    if not train and not meta_path.exists():
+        raise StageMissing(f"the teacher of task {ctx.task.name} is not in the cache {ctx.cache} "
+                           f"(looked for {meta_path})")
     if ctx.group.broadcast(not meta_path.exists()):  # rank 0's view: every rank trains, or none
         recipe = ctx.task.teacher
         seed_everything(seed)
@@ -188,5 +197,7 @@ def label_agreement_guard(ctx: Context, teacher: Teacher, bank: ImageBank, where
     return agreement
 
 
-def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0) -> Teacher:
-    return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed)
+def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0, train: bool = True) -> Teacher:
+    """A user's checkpoint, or the task's teacher from the cache, trained first if missing
+    (unless `train` is False: StageMissing)."""
+    return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed, train)

@@ -33,11 +33,13 @@ class Session:
     group), its teacher (made or loaded when a cell first needs it) and a memo of what several
     cells reuse (memories, scenarios). `make_teacher`: how the teacher is made (the harness's
     parent passes the collective one, trained data-parallel under torchrun; default: this
-    context's, from the cache)."""
+    context's, from the cache). `make_stages`: whether a plan may make the shared stages (the
+    teacher, the distilled sets); False in a shard of a suite, which only reads them back."""
 
-    def __init__(self, ctx: Context, make_teacher: Callable[[], Teacher] | None = None):
+    def __init__(self, ctx: Context, make_teacher: Callable[[], Teacher] | None = None, make_stages: bool = True):
         self.ctx = ctx
         self._make_teacher = make_teacher or (lambda: get_teacher(ctx))
+        self.make_stages = make_stages
         self._memo: dict = {}
 
     def teacher(self) -> Teacher:

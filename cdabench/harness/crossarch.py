@@ -112,7 +112,7 @@ def plan(ctx: Context, session: Session, suite: Suite, out: Path, command: str) 
     selected = [k for k in sets if load_method(k[0]).kind == "select"]
     for i, set_key in enumerate(selected):
         if i % group.world == group.rank:
-            distill(session.ctx, *set_key, sets[set_key], command=command, teacher=teacher)
+            distill(session.ctx, *set_key, sets[set_key], command=command, teacher=teacher, make=session.make_stages)
     group.barrier()
     manifests = {}
     for set_key, folder in sets.items():  # recover: every rank takes its shards; the rest: read back
@@ -120,7 +120,8 @@ def plan(ctx: Context, session: Session, suite: Suite, out: Path, command: str) 
             manifests[set_key] = load_external(ctx, load_method(set_key[0])).manifest
             continue
         stage = session.ctx if set_key in selected else ctx
-        manifests[set_key] = distill(stage, *set_key, folder, command=command, teacher=teacher)
+        manifests[set_key] = distill(stage, *set_key, folder, command=command, teacher=teacher,
+                                     make=session.make_stages)
     jobs = []
     for cell in cells:
         set_key = (cell.method, cell.ipc, distill_seed(cell.method, cell.seed))

@@ -24,7 +24,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cdabench import packaged, stats
-from cdabench.records import is_continual
+from cdabench.records import is_continual, unique_cells
 
 FIELDS = ("task", "method", "ipc", "student", "labels", "target_top1", "tolerance")
 OPTIONAL_FIELDS = ("sides", "metric")
@@ -96,8 +96,9 @@ def _cell_key(record: dict, metric: str) -> tuple:
 
 
 def compare(records: list[dict], targets: list[Target]) -> list[CellStatus]:
+    """Each target's status. A cell recorded twice (same cell_key) is one measurement: counted once."""
     measured = defaultdict(list)
-    for r in _cross_arch(records):
+    for r in _cross_arch(unique_cells(records)[0]):
         for metric in {t.metric for t in targets}:
             if r.get(metric) is not None:
                 measured[_cell_key(r, metric)].append(r[metric])
