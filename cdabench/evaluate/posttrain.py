@@ -1,6 +1,10 @@
 """The evaluate stage: relabel -> post-train -> one record, returned (the CLI and the harness
 append it to records.jsonl). A fresh student trains on the distilled set only; its last epoch
-is measured on the real test split. Label stores are written atomically and reused."""
+is measured on the real test split. Label stores are written atomically and reused.
+
+The record carries the cell's curve (per epoch: mean training loss, learning rate, and the
+held-out top-1 at the epochs `Watch.curve_points` picks, the last always); the caller stores it
+beside the records (records.write_curve). With loggers asked for, the cell is one logger run."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +22,13 @@ from cdabench.engine.labels import HardLabels, LabelStoreConfig, OnlineKD, Store
 from cdabench.engine.models import check_model_name
 from cdabench.engine.runtime import prepare_model
 from cdabench.engine.train import ImageBank, evaluate_model, train_model
+from cdabench.engine.watch import DEFAULT_CURVE_POINTS, Watch, curve_epochs, open_run
 from cdabench.evaluate.record import measurement
+from cdabench.schema import AugmentSpec
+
+# The student's augmentation turned off (the augmentation share's cells, docs/suites.md): every
+# image is seen as stored, every epoch.
+NO_AUGMENT = AugmentSpec(crop="none", flip=False, mix="none")
 
 
 def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, bank, manifest: dict):
@@ -42,36 +52,48 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
 
 
 def student_recipe(ctx: Context, student: str, epochs: int | None = None, full: bool = False,
-                   images: int | None = None):
+                   images: int | None = None, augment: bool = True):
     """The task's recipe for `student` on a set of `images` (which sets the epochs under the task's
-    equal_steps_ipc); `epochs` (the command line's --epochs) overrides the result."""
+    equal_steps_ipc); `epochs` (the command line's --epochs) overrides the result; `augment=False`
+    turns the student's augmentation off (NO_AUGMENT)."""
     recipe = ctx.task.posttrain.recipe_for(student, full, images, ctx.num_classes)
+    if not augment:
+        recipe = dataclasses.replace(recipe, augment=NO_AUGMENT)
     return dataclasses.replace(recipe, epochs=epochs) if epochs is not None else recipe
 
 
 def evaluation_config(ctx: Context, student: str, labels: str, epochs: int | None = None, full: bool = False,
-                      images: int | None = None) -> dict:
+                      images: int | None = None, augment: bool = True) -> dict:
     """Everything about post-train that a result depends on (hashed into every record)."""
     kd = ctx.task.posttrain.kd
-    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full, images)), "labels": labels,
-            "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
+    return {"recipe": dataclasses.asdict(student_recipe(ctx, student, epochs, full, images, augment)),
+            "labels": labels, "kd": dataclasses.asdict(kd) if labels == "soft" else None, "precision": ctx.precision}
+
+
+def cell_name(method: str, ipc: int | None, student: str, labels: str, seed: int, augment: bool = True) -> str:
+    """A post-train cell's readable name (the suite's cell, the logger run, the curve)."""
+    ipc_name = "full" if ipc is None else f"ipc{ipc}"
+    return f"{method}/{ipc_name}/{student}/{labels}{'' if augment else '/noaug'}/seed{seed}"
 
 
 def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed: int,
              teacher_path: str | None = None, command: str = "", epochs: int | None = None,
              teacher: Teacher | None = None,
-             allow_label_mismatch: bool = False) -> dict:
+             allow_label_mismatch: bool = False, augment: bool = True, watch: Watch | None = None) -> dict:
     """Train a fresh `student` on the distilled set only; return its record (the last epoch's test
     accuracy and everything the result depends on), on every rank; the caller appends it
-    (records.append_record) where it keeps its records.
+    (records.append_record) where it keeps its records, after storing its `curve`
+    (records.write_curve).
     `teacher`: one already loaded and guarded (see `distill`). A folder without our manifest must
-    pass the label-agreement guard (squeeze.label_agreement_guard) unless `allow_label_mismatch`."""
+    pass the label-agreement guard (squeeze.label_agreement_guard) unless `allow_label_mismatch`.
+    `augment=False`: the student trains without its augmentation (recorded). `watch`: the curve's
+    held-out points and the loggers (engine/watch.py); it changes nothing in the result."""
     if labels not in ("soft", "hard"):
         raise ConfigError(f"--labels must be soft or hard, got {labels!r}")
     check_model_name(student)  # before any teacher or label work: a typo must not cost a relabel
     bank, manifest = load_distilled(ctx, data_dir)
     full = bool(manifest.get("full"))
-    recipe = student_recipe(ctx, student, epochs, full, len(bank))
+    recipe = student_recipe(ctx, student, epochs, full, len(bank), augment)
     external = manifest.get("method") == "external"
     if teacher is None and (labels == "soft" or (external and not allow_label_mismatch)):
         teacher = get_teacher(ctx, teacher_path)
@@ -84,17 +106,33 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
     relabel_start = time.perf_counter()
     label_source, store = _label_source(ctx, recipe, labels, teacher, bank, manifest)
     relabel_seconds = time.perf_counter() - relabel_start
+    eval_config = evaluation_config(ctx, student, labels, epochs, full, len(bank), augment)
+    name = f"{ctx.task.name}/{cell_name(manifest.get('method'), manifest.get('ipc'), student, labels, seed, augment)}"
+    run = open_run(watch, name, {"task": ctx.task.name, "method": manifest.get("method"), "ipc": manifest.get("ipc"),
+                                 "student": student, "labels": labels, "seed": seed, "augmentation": _on(augment),
+                                 "images_hash": manifest.get("images_hash"), "distilled_seed": manifest.get("seed"),
+                                 **eval_config}) if ctx.group.is_main else None
     torch.manual_seed(seed)
     model = prepare_model(ctx.new_model(recipe), ctx.device)
-    result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
-                         description=f"post-train {student} ({manifest.get('method')}, {labels})",
-                         precision=ctx.precision, group=ctx.group)
-    if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and builds the one record
-        return ctx.group.broadcast(None)
-    test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
-    heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+    try:
+        on_epoch = _curve_hook(ctx, recipe.epochs, watch, run)
+        result = train_model(model, bank, label_source, recipe, ctx.normalizer(), ctx.device, seed, ctx.image_size,
+                             description=f"post-train {student} ({manifest.get('method')}, {labels})", on_epoch=on_epoch,
+                             precision=ctx.precision, group=ctx.group)
+        if not ctx.group.is_main:  # data-parallel post-train: rank 0 evaluates and builds the one record
+            return ctx.group.broadcast(None)
+        test = evaluate_model(model, ctx.source("test"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+        heldout = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device, precision=ctx.precision)
+    except BaseException:
+        if run is not None:
+            run.finish(0)
+        raise
+    result.history[-1]["heldout_top1"] = heldout["top1"]   # the curve's last point is the record's
+    if run is not None:
+        last = result.history[-1]
+        run.finish(recipe.epochs, {"train/loss": last["loss"], "train/lr": last["lr"], "heldout/top1": heldout["top1"],
+                                   "test/top1": test["top1"], "test/top5": test["top5"]})
     kd = ctx.task.posttrain.kd
-    eval_config = evaluation_config(ctx, student, labels, epochs, full, len(bank))
     seconds = dict(manifest.get("seconds", {}))
     seconds.update({"relabel": relabel_seconds, "posttrain": result.seconds})
     if teacher is not None:  # soft labels cost the teacher too (trained once, cached; this is its training time)
@@ -111,5 +149,27 @@ def evaluate(ctx: Context, data_dir: str | Path, student: str, labels: str, seed
         precision=ctx.precision, recover_precision=manifest.get("precision"),
         recover_compiled=manifest.get("compiled"), distilled_seed=manifest.get("seed"),
         recipe=eval_config["recipe"], kd=eval_config["kd"], adaptation=ctx.adaptation(recipe),
-        final_loss=result.history[-1]["loss"])
+        augmentation=_on(augment), final_loss=result.history[-1]["loss"],
+        curve={"kind": "cdabench-curve", "format_version": 1, "name": name, "epochs": result.history})
     return ctx.group.broadcast(record)
+
+
+def _on(augment: bool) -> str:
+    return "on" if augment else "off"
+
+
+def _curve_hook(ctx: Context, epochs: int, watch: Watch | None, run):
+    """train_model's on_epoch: the held-out top-1 at the curve's epochs (rank 0; the last epoch's
+    is measured once training ends, as the record's), and every epoch to the loggers."""
+    points = curve_epochs(epochs, watch.curve_points if watch is not None else DEFAULT_CURVE_POINTS)
+
+    def on_epoch(entry: dict, model) -> dict:
+        metrics = {}
+        if ctx.group.is_main and entry["epoch"] in points and entry["epoch"] < epochs:
+            metrics["heldout_top1"] = evaluate_model(model, ctx.source("heldout"), ctx.normalizer(), ctx.device,
+                                                     precision=ctx.precision)["top1"]
+        if run is not None and entry["epoch"] < epochs:   # the last epoch's scalars go out with the test's
+            run.log(entry["epoch"], {"train/loss": entry["loss"], "train/lr": entry["lr"],
+                                     **({"heldout/top1": metrics["heldout_top1"]} if metrics else {})})
+        return metrics
+    return on_epoch

@@ -6,9 +6,15 @@ Under torchrun every rank runs `run_suite`: the kind's plan makes the shared sta
 then the jobs are dealt longest first across the ranks, each rank running its own as a plain
 single process. Ranks write their records to ranks/rank<r>/records.jsonl; rank 0 alone merges
 them into records.jsonl (atomically, every cell once), at the end and, after a killed run, at
-the start, so a resumed suite (with any number of ranks) skips every cell finished before."""
+the start, so a resumed suite (with any number of ranks) skips every cell finished before.
+
+Each finished cell's curve is stored beside the records (records.write_curve), and the progress
+line estimates the time left from the cells' planned optimiser steps (Job.steps) and the rate
+measured so far; under torchrun only rank 0 prints the estimate (of its own share of the cells,
+dealt longest first, so about the suite's)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from cdabench.config import load_task, with_holdout
 from cdabench.distill.squeeze import get_teacher
 from cdabench.engine.context import open_context
 from cdabench.engine.runtime import worker_devices
+from cdabench.engine.watch import Watch, check_loggers
 from cdabench.harness.cells import Job, Session, deal_longest_first, rank_record_files, rank_records_path, solo
 from cdabench.harness.suites import suite_kind
 from cdabench.harness.workers import run_in_workers
@@ -26,12 +33,17 @@ from cdabench.harness.workers import run_in_workers
 
 def run_suite(suite, out: Path, data_root: str | None = None, device: str = "auto", cache: str | None = None,
               command: str = "", workers: int = 1, precision: str | None = None,
-              holdout: tuple[int | None, float | None] = (None, None)) -> list[dict]:
+              holdout: tuple[int | None, float | None] = (None, None), watch: Watch | None = None) -> list[dict]:
     """Run every unfinished cell of `suite` (any kind); returns its records (old and new), in grid
     order. `workers`: cells run in that many worker processes (harness/workers.py), each with
-    threads/workers threads. `holdout`: the command line's (--holdout-per-class, --holdout-fraction)."""
+    threads/workers threads. `holdout`: the command line's (--holdout-per-class, --holdout-fraction).
+    `watch`: curve points and loggers (engine/watch.py); loggers write under `out`."""
     kind = suite_kind(suite)
     kind.validate(suite)
+    watch = watch or Watch()
+    check_loggers(watch.loggers)   # a missing logger package fails before any work
+    if watch.log_dir is None:
+        watch = dataclasses.replace(watch, log_dir=str(out))
     ctx = open_context(with_holdout(load_task(suite.task), *holdout), data_root, device, cache, precision)
     group = ctx.group
     out = Path(out)
@@ -41,7 +53,7 @@ def run_suite(suite, out: Path, data_root: str | None = None, device: str = "aut
     group.barrier()
     done = _recorded(records_path)
     start = time.perf_counter()
-    session = Session(solo(ctx), lambda: get_teacher(ctx))  # the teacher: trained collectively under torchrun
+    session = Session(solo(ctx), lambda: get_teacher(ctx), watch)  # the teacher: trained collectively under torchrun
     jobs = kind.plan(ctx, session, suite, out, command)
     todo, queued = [], set()
     for job in jobs:
@@ -54,14 +66,16 @@ def run_suite(suite, out: Path, data_root: str | None = None, device: str = "aut
         mine, mine_path = todo, records_path
     apart = (workers > 1 and len(mine) > 1) or (group.world > 1 and kind.plain_process and bool(mine))
     label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "")
+    remaining = progress.Remaining(sum(job.steps for job in mine))
     with progress.track(label, len(mine) if group.world > 1 else len(jobs)) as bar:
         if group.world == 1:
             bar.advance(len(jobs) - len(mine), "already recorded")
         for job, record in _run_jobs(mine, session, apart, workers, group.world, data_root, cache):
-            record = dict(record, suite=suite.name, cell=job.name, cell_key=job.key)
+            record = records.write_curve(out, job.key, dict(record, suite=suite.name, cell=job.name, cell_key=job.key))
             done[job.key] = records.append_record(mine_path, record)
+            remaining.advance(job.steps)
             progress.log(f"{job.name}: {kind.summary(record)}")
-            bar.advance(1, job.name)
+            bar.advance(1, f"{job.name}, {remaining}" if group.is_main else job.name)
     if group.world > 1:
         group.barrier()
         if group.is_main:
@@ -89,4 +103,5 @@ def _run_jobs(jobs: list[Job], session: Session, apart: bool, workers: int, worl
     workers = max(1, workers)
     devices = worker_devices(ctx.device, workers, world)
     threads = max(1, torch.get_num_threads() // workers)
-    yield from run_in_workers(sorted(jobs, key=lambda job: -job.steps), devices, threads, ctx.task, data_root, cache)
+    yield from run_in_workers(sorted(jobs, key=lambda job: -job.steps), devices, threads, ctx.task, data_root, cache,
+                              session.watch)
