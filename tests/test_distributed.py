@@ -11,6 +11,7 @@ in seconds; what is compared does not depend on the teacher's size)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,12 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(ran):
     assert not list((ran.root / "multi" / "ranks").rglob("records.jsonl"))  # merged and removed
     # The re-run under torchrun found every cell recorded and wrote nothing.
     assert records.read_records(ran.root / "multi" / "records.jsonl") == stored
+    # Each rank shows its own progress; only rank 0 estimates the time left.
+    lines = ran.launch.stderr.splitlines()
+    assert any(re.match(r"suite suite \(rank 0\): \d+/\d+ \S+, (about \S+|estimating the time) left", line)
+               for line in lines), "\n".join(line for line in lines if line.startswith("suite"))
+    assert any(line.startswith("suite suite (rank 1): ") for line in lines)
+    assert not any(line.startswith("suite suite (rank 1): ") and " left" in line for line in lines)
 
 
 # --- data-parallel training ----------------------------------------------------------------------

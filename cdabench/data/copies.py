@@ -49,6 +49,9 @@ LABEL_COLUMNS = ("label", "fine_label", "labels", "cls", "target")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 NAME_KEYS = ("class_name", "wnid", "synset")   # a WebDataset sample's .json fields that may name its class
 _SPLIT_TOKEN = re.compile(r"(?:^|[-_.])(" + "|".join(SPLITS) + r")(?=[-_.]|$)")
+# A WebDataset shard is numbered (imagenet1k-train-0000.tar, train/000012.tar): an archive of the
+# official release beside the extracted folders (ILSVRC2012_img_train.tar) is not a shard.
+_NUMBERED_SHARD = re.compile(r"(?:^|[-_.])\d+$")
 _SCAN_SKIP = 64   # a folder with more sub-folders than this is a class tree, not a copy: not scanned
 
 
@@ -79,9 +82,13 @@ def detect(root: Path) -> str | None:
     files = _scan(root)
     if any(f.suffix == ".parquet" for f in files):
         return "parquet"
-    if any(f.suffix == ".tar" and _split_of(f) for f in files):
+    if any(_is_shard(f) for f in files):
         return "webdataset"
     return None
+
+
+def _is_shard(path: Path) -> bool:
+    return path.suffix == ".tar" and _split_of(path) is not None and bool(_NUMBERED_SHARD.search(path.stem))
 
 
 def _split_of(path: Path) -> str | None:
@@ -264,10 +271,9 @@ def _read_splits(root: Path, fmt: str, spec: DatasetSpec, index_cache: Path | No
         listed = artifacts.read_json(root / "dataset_dict.json").get("splits", [])
         train, test = _choose_splits({s: [] for s in listed}, root, spec)
         return {"train": _arrow_split(root / train, root), "test": _arrow_split(root / test, root)}
-    suffix = ".parquet" if fmt == "parquet" else ".tar"
     by_split: dict[str, list[Path]] = {}
     for path in _scan(root):
-        if path.suffix == suffix and _split_of(path):
+        if (_is_shard(path) if fmt == "webdataset" else path.suffix == ".parquet" and _split_of(path)):
             by_split.setdefault(_split_of(path), []).append(path)
     train, test = _choose_splits(by_split, root, spec)
     for split in (train, test):

@@ -23,7 +23,7 @@ from cdabench.config import ConfigError
 
 LOGGERS = ("tensorboard", "wandb")
 EXTRA = "loggers"
-DEFAULT_CURVE_POINTS = 4
+DEFAULT_CURVE_POINTS = 3
 _MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
 
 

@@ -137,3 +137,12 @@ def test_missing_pyarrow_names_the_extra(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(DataError, match=r"needs pyarrow.*pip install 'cdabench\[hf\]'"):
         create_dataset("tiny-imagenet", root)
+
+
+def test_the_official_archive_beside_the_folders_is_no_webdataset_copy(tmp_path):
+    """ILSVRC2012_img_train.tar kept beside the extracted train/ and val/ folders is not a shard."""
+    from tests.fixtures import make_imagefolder
+    root = make_imagefolder(tmp_path / "imagenet", classes=("n01440764", "n01443537"), per_class=1)
+    (root / "ILSVRC2012_img_train.tar").write_bytes(b"")
+    assert detect(root) is None
+    assert create_dataset("imagenet-1k", root).classes == ["n01440764", "n01443537"]
