@@ -88,15 +88,16 @@ def verdict(summary: Summary, row: Row) -> str | None:
     delta = summary.delta_vs_random(row)
     if delta is None or row.method == "full":
         return None
+    protocol = f"{row.labels} labels" + (" without augmentation" if row.augment != "on" else "")
     if delta.low is None:
-        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({row.labels} labels), one seed: no interval."
+        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({protocol}), one seed: no interval."
     if delta.high < 0:
         word = "loses to"
     elif delta.low > 0:
         word = "beats"
     else:
         word = "is not distinguishable from"
-    return (f"{row.label} {word} random real images under the same {row.labels} labels "
+    return (f"{row.label} {word} random real images under the same {protocol} "
             f"({delta.mean:+.1f} points, 95 % interval [{delta.low:+.1f}, {delta.high:+.1f}]).")
 
 
@@ -170,6 +171,7 @@ def rich_table(summary: Summary) -> Table:
 SCORE_NAMES = ("delta_soft", "delta_hard", "hard_label_recovery", "delta_soft_no_augment", "augmentation_share")
 SCORE_HEADERS = ("Δ vs random", "Δ vs random (hard)", "hard-label recovery", "Δ vs random, aug off",
                  "augmentation share")
+SHORT_HEADERS = ("Δ vs random", "Δ (hard)", "hard-label recovery", "Δ (aug off)", "aug share")   # a terminal's 80 columns
 FULL = "full"
 
 
@@ -207,22 +209,24 @@ def _difference_of_deltas(summary: Summary, method: str) -> stats.Interval | Non
     return stats.t_interval([(on[s] - base_on[s]) - (off[s] - base_off[s]) for s in seeds])
 
 
+def _delta(summary: Summary, method: str, labels: str, augment: str = "on") -> stats.Interval | None:
+    row = summary.row(method, labels, augment)
+    return summary.delta_vs_random(row) if row is not None else None
+
+
+def _hard_label_recovery(summary: Summary, method: str) -> stats.Interval | None:
+    full, hard = summary.row(FULL, "hard"), summary.row(method, "hard")
+    if full is None or hard is None:
+        return None
+    return stats.paired_difference(full.panel_by_seed(summary.students), hard.panel_by_seed(summary.students))
+
+
 def image_scores(summary: Summary) -> list[ImageScores]:
     """What the images add, per method of the summary (full data excluded: it is the reference)."""
-    full_hard = summary.row(FULL, "hard")
-    scores = []
-    for method in sorted({r.method for r in summary.rows if r.method != FULL}, key=lambda m: (m == BASELINE, m)):
-        def delta(labels: str, augment: str = "on", method=method):
-            row = summary.row(method, labels, augment)
-            return summary.delta_vs_random(row) if row is not None else None
-        hard = summary.row(method, "hard")
-        recovery = None
-        if hard is not None and full_hard is not None:
-            recovery = stats.paired_difference(full_hard.panel_by_seed(summary.students),
-                                               hard.panel_by_seed(summary.students))
-        scores.append(ImageScores(method, delta("soft"), delta("hard"), recovery, delta("soft", "off"),
-                                  _difference_of_deltas(summary, method) if method != BASELINE else None))
-    return scores
+    methods = sorted({r.method for r in summary.rows if r.method != FULL}, key=lambda m: (m == BASELINE, m))
+    return [ImageScores(m, _delta(summary, m, "soft"), _delta(summary, m, "hard"), _hard_label_recovery(summary, m),
+                        _delta(summary, m, "soft", "off"),
+                        _difference_of_deltas(summary, m) if m != BASELINE else None) for m in methods]
 
 
 def has_image_scores(summary: Summary) -> bool:
@@ -242,10 +246,10 @@ def rich_scores_table(summary: Summary) -> Table | None:
     ipc = "full data only" if summary.ipc is None else f"IPC {summary.ipc}"
     table = Table(title=f"{summary.task}, {ipc}: what the images add (panel mean, paired by seed, 95% CI, points)")
     table.add_column("method")
-    for name in SCORE_HEADERS:
+    for name in SHORT_HEADERS:
         table.add_column(name, justify="right")
     for score in image_scores(summary):
         table.add_row(score.method, *[fmt_interval(v) for v in score.values()])
-    table.caption = ("hard-label recovery = full (hard) − method (hard): lower is better; augmentation share = "
-                     "Δ vs random − Δ vs random with the student's augmentation off")
+    table.caption = ("Δ: vs random real images under the same labels and augmentation; hard-label recovery = "
+                     "full (hard) − method (hard), lower is better; aug share = Δ vs random − Δ (aug off)")
     return table

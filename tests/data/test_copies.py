@@ -146,3 +146,15 @@ def test_the_official_archive_beside_the_folders_is_no_webdataset_copy(tmp_path)
     (root / "ILSVRC2012_img_train.tar").write_bytes(b"")
     assert detect(root) is None
     assert create_dataset("imagenet-1k", root).classes == ["n01440764", "n01443537"]
+
+
+def test_a_copy_is_decoded_in_parallel_worker_processes(tiny_folder, tmp_path):
+    """The prepared cache's worker processes get a copy's shards by pickle (no open file or row
+    group travels) and read them themselves: the same pixels as one process."""
+    from cdabench.data.prepared import build_prepared, open_prepared, split_fingerprint
+    test = create_dataset("tiny-imagenet", make_tiny_imagenet_parquet(tmp_path / "hf", tiny_folder, row_group_size=30)).test
+    assert test.load_all() is not None   # this process reads a row group first: its cache must not be sent
+    fingerprint = split_fingerprint(test, "view")
+    build_prepared(test, tmp_path / "prepared", fingerprint, (3, 64, 64), workers=2, chunk=64)
+    images, targets = open_prepared(tmp_path / "prepared", fingerprint)
+    assert torch.equal(images, test.load_all()) and targets.tolist() == list(test.targets)
