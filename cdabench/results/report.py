@@ -90,7 +90,9 @@ def verdict(summary: Summary, row: Row) -> str | None:
         return None
     protocol = f"{row.labels} labels" + (" without augmentation" if row.augment != "on" else "")
     if delta.low is None:
-        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({protocol}), one seed: no interval."
+        return (f"{row.label}: {delta.mean:+.1f} points vs random real images ({protocol}); "
+                f"{delta.n} seed{'' if delta.n == 1 else 's'}, too few for an interval (at least "
+                f"{stats.MIN_INTERVAL_VALUES}).")
     if delta.high < 0:
         word = "loses to"
     elif delta.low > 0:

@@ -49,6 +49,7 @@ def test_the_cells_of_the_image_scores_are_opt_in_and_keep_the_old_keys():
     import dataclasses
 
     from cdabench import artifacts
+    from cdabench.config import load_task
     from cdabench.harness.crossarch import cell_key
 
     base = load_suite("cross-arch")
@@ -56,9 +57,9 @@ def test_the_cells_of_the_image_scores_are_opt_in_and_keep_the_old_keys():
                                 no_augment_methods=("cda", "random"))
     before, cells = expand(base), expand(suite)
     extra = [c for c in cells if c not in before]
-    per_set = len(base.students) * len(base.seeds)
-    ipcs = len(base.ipcs) or 2   # the digits task's IPCs (10, 1)
-    assert len(extra) == per_set + 2 * ipcs * per_set
+    task = load_task(base.task)
+    per_set = len(base.students or task.panel) * len(base.seeds)
+    assert len(extra) == per_set + 2 * len(base.ipcs or task.ipcs) * per_set
     assert [c for c in extra if c.method == "full"] == [c for c in extra if c.labels == "hard"]
     assert all(not c.augment and c.labels == "soft" for c in extra if c.method != "full")
     assert Cell("digits", "cda", 10, "resnet18", "soft", 0, augment=False).name == "cda/ipc10/resnet18/soft/noaug/seed0"
