@@ -52,8 +52,10 @@ class _PlainBar(Bar):
         now = time.monotonic()
         if not _quiet and (now - self.last >= self.every or self.done >= self.total):
             self.last = now
-            print(f"{self.description}: {self.done}/{self.total} {self.info} [{now - self.start:.1f}s]",
-                  file=sys.stderr, flush=True)
+            # One write per line: several processes (torchrun's ranks) share the stream, and print()
+            # writes the text and its newline apart, so their lines could run into each other.
+            sys.stderr.write(f"{self.description}: {self.done}/{self.total} {self.info} [{now - self.start:.1f}s]\n")
+            sys.stderr.flush()
 
 
 class _RichBar(Bar):
