@@ -19,6 +19,7 @@ from cdabench.distill.sets import adhoc_method, distill
 from cdabench.engine.context import open_context
 from cdabench.engine.models import list_models
 from cdabench.engine.runtime import launched_world, resolve_device
+from cdabench.engine.watch import DEFAULT_CURVE_POINTS, LOGGERS, Watch, check_loggers
 from cdabench.evaluate.posttrain import LABEL_PROTOCOLS, evaluate
 from cdabench.harness.lock import FolderInUse
 from cdabench.harness.run import STAGES, run_suite
@@ -41,6 +42,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="a teacher checkpoint (state dict) instead of training one")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _holdout_args(p)
+
+
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-points", type=int, default=DEFAULT_CURVE_POINTS, metavar="N",
+                   help="held-out top-1 evaluations spread over each cell's epochs, kept in its curve file beside the "
+                        f"records (default {DEFAULT_CURVE_POINTS}; the last epoch always; 0: the last only)")
+    p.add_argument("--log", nargs="+", default=[], choices=LOGGERS, metavar="LOGGER",
+                   help="also log every cell as one run: tensorboard (event files in <out>/tensorboard/) and/or wandb "
+                        "(W&B offline mode, files in <out>/wandb/; nothing leaves the machine). Needs "
+                        "pip install 'cdabench[loggers]'")
 
 
 def _holdout_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-label-mismatch", action="store_true",
                    help="evaluate a folder whose labels the teacher does not agree with (deliberately mislabelled "
                         "data); the agreement is still recorded")
+    e.add_argument("--no-augment", action="store_true",
+                   help="train the student without its augmentation (recorded; the augmentation share, docs/suites.md)")
+    _watch_args(e)
 
     r = sub.add_parser("run", help="run a suite (a grid of method x IPC x student x labels x seed)")
     _suite_args(r)
@@ -110,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--runs", nargs="+", required=True, help="run folders (or records.jsonl files)")
     lb.add_argument("--out", default="leaderboards")
     lb.add_argument("--no-plots", action="store_true")
+    lb.add_argument("--curves", nargs="+", default=None, metavar="PATTERN",
+                    help="draw the curves (loss, lr, held-out top-1 per epoch) of the cells whose name matches a "
+                         "pattern (fnmatch, e.g. 'cda/ipc10/*' or '*/resnet18/soft/seed0') into <task>-curves.png")
 
     sub.add_parser("list", help="tasks, methods, models, datasets and suites")
     return parser
@@ -134,6 +151,7 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     _holdout_args(p)
+    _watch_args(p)
     p.add_argument("--workers", default="auto",
                    help="cells at once (any suite kind): N processes of (threads / N) threads, dealt round-robin over the "
                         "visible GPUs; auto = one per visible GPU (one per rank under torchrun), 2 on a CPU with "
@@ -164,7 +182,7 @@ def _dispatch(args, command: str) -> int:
         print("suites:  ", ", ".join(list_suites()))
         return 0
     if args.command == "leaderboard":
-        for path in generate(args.runs, args.out, plots=not args.no_plots):
+        for path in generate(args.runs, args.out, plots=not args.no_plots, curves=args.curves):
             print(path)
         return 0
     if args.command in ("run", "check"):
@@ -175,10 +193,15 @@ def _dispatch(args, command: str) -> int:
         ipc = args.ipc if args.ipc is not None else task.ipcs[0]
         distill(ctx, args.method, ipc, args.seed, args.out, args.teacher, command)
     elif args.command == "evaluate":
+        check_loggers(args.log)
+        watch = Watch(args.curve_points, tuple(args.log), str(args.out))
         student = args.student or task.panel[0]
         record = evaluate(ctx, args.data, student, args.labels, args.seed, args.teacher, command, args.epochs,
-                          allow_label_mismatch=args.allow_label_mismatch, method=_external_method(args))
+                          allow_label_mismatch=args.allow_label_mismatch, method=_external_method(args),
+                          augment=not args.no_augment, watch=watch)
         if ctx.group.is_main:  # under torchrun every rank holds the record; one appends it
+            key = records.record_id({k: v for k, v in record.items() if k != "curve"})
+            record = records.write_curve(Path(args.out), key, record)
             records.append_record(Path(args.out) / "records.jsonl", record)
             progress.log(f"{record['method']} ipc {record['ipc']} {record['student']} {record['labels']}: "
                          f"top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}% "
@@ -217,9 +240,11 @@ def _run_or_check(args, command: str) -> int:
         results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
                             workers=_workers(args.workers, args.device), precision=args.precision,
                             holdout=(args.holdout_per_class, args.holdout_fraction), shard=shard,
-                            stages=getattr(args, "stages", "all"))
+                            stages=getattr(args, "stages", "all"), watch=Watch(args.curve_points, tuple(args.log), str(out)))
     tables = continual_tables([r for r in results if records.is_continual(r)])
-    tables += [report.rich_table(s) for s in report.summarise(results)]
+    summaries = report.summarise(results)
+    tables += [report.rich_table(s) for s in summaries]
+    tables += [t for t in (report.rich_scores_table(s) for s in summaries) if t is not None]
     for table in tables:
         progress.console.print(table)
     if args.command == "run":

@@ -363,7 +363,10 @@ class Suite:
     ipcs: tuple[int, ...] = ()               # empty: the task's IPCs
     students: tuple[str, ...] = ()           # empty: the task's panel
     labels: tuple[str, ...] = ("soft",)
-    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair)
+    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair; with
+                                              # `full`: the hard-label recovery, docs/suites.md)
+    no_augment_methods: tuple[str, ...] = ()  # these methods also run with the student's augmentation off
+                                              # (the augmentation share; needs `random`, docs/suites.md)
     seeds: tuple[int, ...] = (0, 1)
     path: str = ""
 

@@ -680,3 +680,108 @@ class PickleBomb:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+# ------------------------------------------------------ Hugging Face and WebDataset copies
+# Written with pyarrow and tarfile directly, in the exact layouts the Hub's copies have: a
+# `datasets` Image column is a struct {bytes: binary, path: string}; the features (Image,
+# ClassLabel with its names) are JSON in the schema's b"huggingface" metadata, as
+# datasets.Features.arrow_schema writes them; zh-plus/tiny-imagenet's files are
+# data/train-00000-of-00001-<hash>.parquet and data/valid-00000-of-00001-<hash>.parquet with
+# columns `image` and `label` (ClassLabel of the 200 sorted wnids); a save_to_disk folder holds
+# dataset_dict.json and per split Arrow stream files, dataset_info.json and state.json; timm's
+# WebDataset shards are <name>-<split>-NNNN.tar of <key>.jpg, <key>.cls (the class index as ASCII)
+# and <key>.json.
+HF_IMAGE_FEATURE = {"decode": True, "id": None, "_type": "Image"}
+
+
+def hf_table(images: Sequence[bytes], paths: Sequence[str], labels: Sequence[int], names: Sequence[str] | None,
+             image_column: str = "image", label_column: str = "label"):
+    """A pyarrow table in the `datasets` layout (features in the schema metadata when `names`)."""
+    import pyarrow as pa
+    label_feature = ({"names": list(names), "id": None, "_type": "ClassLabel"} if names is not None
+                     else {"dtype": "int64", "id": None, "_type": "Value"})
+    metadata = {b"huggingface": json.dumps({"info": {"features": {image_column: HF_IMAGE_FEATURE,
+                                                                   label_column: label_feature}}}).encode()}
+    schema = pa.schema([(image_column, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        (label_column, pa.int64())], metadata=metadata)
+    return pa.table({image_column: [{"bytes": b, "path": p} for b, p in zip(images, paths)],
+                     label_column: list(labels)}, schema=schema)
+
+
+def _tiny_folder_samples(folder_root: Path) -> dict[str, list[tuple[str, bytes, str]]]:
+    """The folder fixture's images as (file name, JPEG bytes, wnid), train in the loader's order
+    (sorted wnid, then file), valid in sorted file-name order (the loader's test order)."""
+    base = Path(folder_root) / "tiny-imagenet-200"
+    train = [(p.name, p.read_bytes(), wnid) for wnid in sorted(tiny_wnids())
+             for p in sorted((base / "train" / wnid / "images").iterdir())]
+    lines = [line.split("\t") for line in (base / "val" / "val_annotations.txt").read_text().splitlines()]
+    valid = [(name, (base / "val" / "images" / name).read_bytes(), wnid) for name, wnid, *_ in sorted(lines)]
+    return {"train": train, "valid": valid}
+
+
+def make_tiny_imagenet_parquet(root: Path, folder_root: Path, names: Sequence[str] | None = None,
+                               with_names: bool = True, row_group_size: int = 64) -> Path:
+    """zh-plus/tiny-imagenet's layout from the folder fixture's JPEGs (the same bytes): labels are
+    indices into `names` (default: the sorted wnids, as the Hub copy has them)."""
+    import pyarrow.parquet as pq
+    names = list(names) if names is not None else sorted(tiny_wnids())
+    for split, samples in _tiny_folder_samples(folder_root).items():
+        table = hf_table([s[1] for s in samples], [s[0] for s in samples], [names.index(s[2]) for s in samples],
+                         names if with_names else None)
+        path = Path(root) / "data" / f"{split}-00000-of-00001-{'1359597a978bc4fa' if split == 'train' else '70d52db3c749a935'}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=row_group_size)
+    return Path(root)
+
+
+def _add_member(tar, name: str, data: bytes) -> None:
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_tiny_imagenet_webdataset(root: Path, folder_root: Path, per_shard: int = 150) -> Path:
+    """timm-style WebDataset shards (tiny-imagenet-train-0000.tar ..., tiny-imagenet-val-0000.tar)
+    of the folder fixture's JPEGs; .cls holds the sorted-wnid index."""
+    import tarfile
+    order = sorted(tiny_wnids())
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for split, samples in _tiny_folder_samples(folder_root).items():
+        tag = "train" if split == "train" else "val"
+        for k, start in enumerate(range(0, len(samples), per_shard)):
+            with tarfile.open(Path(root) / f"tiny-imagenet-{tag}-{k:04d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+                for name, data, wnid in samples[start:start + per_shard]:
+                    key = name.rsplit(".", 1)[0]
+                    _add_member(tar, f"{key}.jpg", data)
+                    _add_member(tar, f"{key}.cls", str(order.index(wnid)).encode())
+                    _add_member(tar, f"{key}.json", json.dumps({"filename": name, "class_name": wnid}).encode())
+    return Path(root)
+
+
+def make_cifar10_save_to_disk(root: Path, per_class: int = 3, test_per_class: int = 1) -> Path:
+    """A `save_to_disk` DatasetDict of CIFAR-10 as the Hub's uoft-cs/cifar10 holds it (columns
+    `img` and `label`, ClassLabel names in the official order), the pixels of make_cifar10 (PNG)."""
+    import pyarrow as pa
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        labels = _interleaved_labels(10, count)
+        encoded = []
+        for image in _rgb_images(labels, 32):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+        table = hf_table(encoded, [f"{split}_{i}.png" for i in range(len(labels))], labels, CIFAR10_NAMES,
+                         image_column="img")
+        folder = Path(root) / split
+        folder.mkdir()
+        with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=7)
+        features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+        (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                                                       "_split": split}))
+    return Path(root)

@@ -156,10 +156,8 @@ def _write_selection(ctx: Context, out: Path, chosen: dict[int, np.ndarray], fol
 
 
 def _real_bytes(ctx: Context) -> int:
-    paths = getattr(ctx.fit, "paths", None)
-    if paths:
-        return sum(Path(p).stat().st_size for p in paths)
-    return len(ctx.fit) * int(np.prod(ctx.shape))
+    stored = ctx.fit.stored_bytes()
+    return stored if stored is not None else len(ctx.fit) * int(np.prod(ctx.shape))
 
 
 def _verify_files(folder: Path, files: dict[str, str]) -> None:

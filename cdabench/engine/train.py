@@ -240,7 +240,9 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                 precision: str = "fp32", group: ProcessGroup = ProcessGroup()) -> TrainResult:
     """Train `model` in place for recipe.epochs; `labels` is a label source (distill/labels.py)
     that decides the epoch order, the augmentation parameters and the loss.
-    `on_epoch(epoch, model)` may return a dict of metrics to keep in the history.
+    `on_epoch(entry, model)` is called after every epoch with a copy of its history entry (epoch,
+    mean loss, lr); it may log it, and may return more metrics to keep in the history (a held-out
+    top-1: the cell's curve, evaluate/posttrain.py).
     `precision`: "fp32", or "bf16" for the forward passes under autocast (the loss stays fp32).
     With `checkpoint`, the state (model, optimiser, generator, history) is saved atomically at
     most every `checkpoint_seconds`, and a killed run resumes from the last saved epoch.
@@ -295,7 +297,7 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                     "a 1x1 map, as timm's test_resnet has at 8 px); use --precision fp32, a model adapted to the "
                     "image size, or a smaller learning rate")
             if on_epoch is not None:
-                entry.update(on_epoch(epoch, model) or {})
+                entry.update(on_epoch(dict(entry), model) or {})
             result.history.append(entry)
             bar.advance(1, f"loss {entry['loss']:.4f}")
             result.seconds = time.perf_counter() - start

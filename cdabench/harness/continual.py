@@ -205,7 +205,8 @@ def run_cell(session: Session, suite: ContinualSuite, cell: ContinualCell, folde
     sc = scenario(session, cell.steps, cell.seed, suite.class_order)
     mem = memory(session, folder, cell.ipc) if folder is not None else None
     teacher = session.teacher() if cell.protocol == "retrain" else None
-    return evaluate_continual(session.ctx, suite, cell, sc, mem, mem_size, teacher, eval_config, command)
+    return evaluate_continual(session.ctx, suite, cell, sc, mem, mem_size, teacher, eval_config, command,
+                              watch=session.watch)
 
 
 def summary(record: dict) -> str:

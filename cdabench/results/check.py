@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cdabench import packaged, stats
 from cdabench.records import is_continual, unique_cells
+from cdabench.results.report import augmentation
 
 FIELDS = ("task", "method", "ipc", "student", "labels", "target_top1", "tolerance")
 OPTIONAL_FIELDS = ("sides", "metric")
@@ -86,8 +87,9 @@ def read_targets(path: Path | Traversable | str | None = None) -> list[Target]:
 
 
 def _cross_arch(records: list[dict]) -> list[dict]:
-    """Continual records share the schema but not the meaning of top1: never mix them in."""
-    return [r for r in records if not is_continual(r)]
+    """Continual records share the schema but not the meaning of top1, and cells with the
+    student's augmentation off are another protocol: never mix them in."""
+    return [r for r in records if not is_continual(r) and augmentation(r) == "on"]
 
 
 def _cell_key(record: dict, metric: str) -> tuple:

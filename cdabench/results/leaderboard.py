@@ -1,9 +1,11 @@
 """Leaderboards generated from records only: per task a Markdown page (readable on a forge), a CSV
-of every cell, PNG plots, and the published SRe2L/CDA numbers beside ours with a status.
-The Markdown and CSV are byte-deterministic: sorted rows, fixed formats, no clock."""
+of every cell, a CSV of what the images add (<task>-scores.csv), PNG plots (with `curves`, the
+selected cells' training curves), and the published SRe2L/CDA numbers beside ours with a status.
+The Markdown and CSVs are byte-deterministic: sorted rows, fixed formats, no clock."""
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import math
 from collections import defaultdict
@@ -13,7 +15,8 @@ from cdabench import artifacts, progress, records, stats
 from cdabench.results import published, report
 from cdabench.results import continual as continual_report
 
-CSV_COLUMNS = ("task", "dataset", "method", "ipc", "student", "labels", "label_protocol", "seed", "top1", "top5",
+CSV_COLUMNS = ("task", "dataset", "method", "ipc", "student", "labels", "label_protocol", "augmentation", "seed",
+               "top1", "top5",
                "heldout_top1", "epochs", "num_images", "image_bytes", "label_bytes", "teacher_forwards",
                "seconds_total", "device", "cdabench", "torch", "timm", "record_hash", "command")
 
@@ -36,8 +39,8 @@ def load_runs(run_dirs: list[Path]) -> tuple[list[dict], list[dict]]:
 
 
 def _record_sort_key(r: dict):
-    return (r["task"], r["method"], -1 if r["ipc"] is None else r["ipc"], r["student"], r["labels"], r["seed"],
-            r["record_hash"])
+    return (r["task"], r["method"], -1 if r["ipc"] is None else r["ipc"], r["student"], r["labels"],
+            report.augmentation(r), r["seed"], r["record_hash"])
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -47,7 +50,7 @@ def _csv_text(rows: list[dict]) -> str:
     for r in rows:
         writer.writerow({
             **{k: r.get(k) for k in CSV_COLUMNS if k in r},
-            "ipc": "full" if r["ipc"] is None else r["ipc"],
+            "ipc": "full" if r["ipc"] is None else r["ipc"], "augmentation": report.augmentation(r),
             "top1": f"{r['top1']:.2f}", "top5": f"{r['top5']:.2f}",
             "heldout_top1": f"{r.get('heldout_top1', float('nan')):.2f}",
             "seconds_total": f"{sum(v for v in r['seconds'].values() if v):.1f}",
@@ -94,12 +97,12 @@ def _markdown(task: str, rows: list[dict], summaries: list[report.Summary], publ
         if summary.tau_pairs:
             lines += ["Pairs: " + "; ".join(f"{a}–{b} {'n/a' if math.isnan(t) else f'{t:+.2f}'}"
                                              for (a, b), t in sorted(summary.tau_pairs.items())) + "."]
-        lines.append("")
+        lines += ["", *_scores_section(summary), ""]
     if published_rows:
         lines += ["## Published numbers (methods.md §6) beside ours", ""]
         by_cell = defaultdict(list)
         for r in rows:
-            if r["labels"] == "soft" and r["ipc"] is not None:
+            if r["labels"] == "soft" and r["ipc"] is not None and report.augmentation(r) == "on":
                 by_cell[(r["dataset"], r["ipc"], r["method"], r["student"])].append(r["top1"])
         pub_rows = []
         for p in published_rows:
@@ -152,8 +155,56 @@ def _duplicates_line(duplicates: list[dict]) -> str:
             f"or a copied record) are left out, each cell counted once: {', '.join(cells)}")
 
 
-def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
-    """Write <task>.md, <task>.csv and the PNG plots for every task in the records."""
+def _scores_section(summary: report.Summary) -> list[str]:
+    """What the images add (report.image_scores), or which suite settings would measure it."""
+    title = "What the images add (panel mean, paired by seed, 95 % t-interval, points of top-1; docs/suites.md):"
+    if not report.has_image_scores(summary):
+        return [title + " not measured. The hard-label recovery needs `full` in the suite's `hard_label_methods`, "
+                "the augmentation share needs `no_augment_methods` (with `random`)."]
+    rows = [[s.method, *[report.fmt_interval(v) for v in s.values()]] for s in report.image_scores(summary)]
+    return [title, "", *report.md_table(["method", *report.SCORE_HEADERS], rows), "",
+            "Hard-label recovery = full data (hard labels) − the method (hard labels): lower means the images alone "
+            "recover more of what the full data teaches. Augmentation share = Δ vs random − Δ vs random with the "
+            "student's augmentation off: the part of the gain over random real images that needs augmentation."]
+
+
+def _scores_csv(summaries: list[report.Summary]) -> str:
+    """Every score of every method and IPC, one per line (the Markdown's numbers, unrounded to 2 decimals)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["task", "ipc", "method", "score", "mean", "low", "high", "seeds"])
+    for summary in summaries:
+        for score in report.image_scores(summary):
+            for name, value in zip(report.SCORE_NAMES, score.values()):
+                if value is None:
+                    continue
+                low, high = ("", "") if value.low is None else (f"{value.low:.2f}", f"{value.high:.2f}")
+                writer.writerow([summary.task, "full" if summary.ipc is None else summary.ipc, score.method, name,
+                                 f"{value.mean:.2f}", low, high, value.n])
+    return buf.getvalue()
+
+
+def select_curves(run_dirs: list[Path], patterns: list[str]) -> list[tuple[dict, dict]]:
+    """(record, curve) of every cell whose name (its `cell`, else its readable name) matches a
+    pattern, in the runs' order: the cells a reader asked to see (`cdabench leaderboard --curves`)."""
+    chosen = []
+    for run in run_dirs:
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        for record in records.read_records(folder / "records.jsonl"):
+            name = record.get("cell") or report.row_label(record["method"], record["labels"], report.augmentation(record))
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                curve = records.read_curve(folder, record)
+                if curve is not None:
+                    chosen.append((record, curve))
+    if not chosen:
+        raise records.RecordError(f"no cell with a curve matches {', '.join(patterns)}: cell names look like "
+                                  "'cda/ipc10/resnet18/soft/seed0' (the `cell` field of records.jsonl)")
+    return chosen
+
+
+def generate(run_dirs: list[Path], out: Path, plots: bool = True, curves: list[str] | None = None) -> list[Path]:
+    """Write <task>.md, <task>.csv, <task>-scores.csv and the PNG plots for every task in the
+    records; `curves`: patterns of cell names whose curves are drawn into <task>-curves.png."""
     out = Path(out)
     all_rows, duplicates = load_runs(run_dirs)
     if duplicates:
@@ -172,6 +223,11 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
         if plots and cross:
             from cdabench.results import plots as plotting  # lazily: matplotlib loads only when plots are drawn
             figures = plotting.draw_task(task, cross, summaries, out, _provenance(cross))
+        if curves:
+            from cdabench.results import plots as plotting
+            picked = [(r, c) for r, c in select_curves(run_dirs, curves) if r["task"] == task]
+            if picked:
+                figures.append(plotting.curves(task, picked, out, _provenance([r for r, _ in picked])))
         # Continual records (cdabench run --suite continual) get their own section and figures.
         continual = [r for r in rows if records.is_continual(r)]
         continual_figures = []
@@ -182,7 +238,8 @@ def generate(run_dirs: list[Path], out: Path, plots: bool = True) -> list[Path]:
         md = _markdown(task, cross, summaries, [p for p in published_cross_arch if p["dataset"] == dataset], figures,
                        extra=external_section(cross) + section, provenance_rows=rows,
                        duplicates=[r for r in duplicates if r["task"] == task])
-        for name, text in ((f"{task}.md", md), (f"{task}.csv", _csv_text(rows))):
+        for name, text in ((f"{task}.md", md), (f"{task}.csv", _csv_text(rows)),
+                           (f"{task}-scores.csv", _scores_csv(summaries))):
             artifacts.atomic_write_bytes(out / name, text.encode())
             written.append(out / name)
         written += [out / f for f in figures + continual_figures]
