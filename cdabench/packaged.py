@@ -1,12 +1,13 @@
 """The files that ship inside the package (cdabench/builtin/): tasks, baselines, suites, the
-published numbers, the regression targets and example entries of external methods. They are read through importlib.resources, so every
+published numbers, the regression targets, example entries of external methods and reference
+teacher checkpoints. They are read through importlib.resources, so every
 command finds them from an installed wheel in any folder, not only beside a source checkout."""
 from __future__ import annotations
 
 from importlib import resources
 from importlib.resources.abc import Traversable
 
-KINDS = ("tasks", "baselines", "suites", "leaderboards", "external")
+KINDS = ("tasks", "baselines", "suites", "leaderboards", "external", "teachers")
 
 
 def builtin(kind: str, name: str = "") -> Traversable:

@@ -257,6 +257,12 @@ class Task:
     # evaluation). fp32 is what the papers' numbers came from; `--precision` overrides it.
     precision: str = "fp32"
     teacher: TrainRecipe = field(default_factory=TrainRecipe)
+    # A checkpoint the teacher is loaded from instead of trained (its recipe then only names the
+    # architecture): a file shipped in cdabench/builtin/teachers/ by name, or a path. The smoke task
+    # ships one so that every machine's regression check starts from the same teacher: a teacher
+    # trained on another CPU's float path moves the ten-seed mean of its CDA cell by up to 6 points
+    # (docs/suites.md). `--teacher` overrides it.
+    teacher_checkpoint: str | None = None
     recover: dict[str, RecoverConfig] = field(default_factory=dict)
     posttrain: PostTrain = field(default_factory=PostTrain)
     path: str = ""

@@ -1,19 +1,22 @@
 """Squeeze: the teacher. Trained with the task's recipe on the fit split (cached by a content
-hash of everything that determines it), or loaded from a user's checkpoint and checked against
-the dataset: class count, class map, and a class-order guard on held-out real images."""
+hash of everything that determines it), or loaded from a user's checkpoint (or the task's own,
+`teacher_checkpoint`) and checked against the dataset: class count, class map, and a class-order
+guard on held-out real images."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from cdabench import artifacts, progress
+from cdabench import artifacts, packaged, progress
 from cdabench.data import DataError
 from cdabench.engine.context import Context
 from cdabench.engine.labels import HardLabels
@@ -198,6 +201,26 @@ def label_agreement_guard(ctx: Context, teacher: Teacher, bank: ImageBank, where
 
 
 def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0, train: bool = True) -> Teacher:
-    """A user's checkpoint, or the task's teacher from the cache, trained first if missing
-    (unless `train` is False: StageMissing)."""
-    return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed, train)
+    """A user's checkpoint, the task's own checkpoint (`teacher_checkpoint`), or the task's teacher
+    from the cache, trained first if missing (unless `train` is False: StageMissing)."""
+    if teacher_path:
+        return load_teacher(ctx, teacher_path)
+    if ctx.task.teacher_checkpoint:
+        with task_checkpoint(ctx.task.teacher_checkpoint) as path:
+            return load_teacher(ctx, path)
+    return train_teacher(ctx, seed, train)
+
+
+@contextlib.contextmanager
+def task_checkpoint(name: str):
+    """A task's teacher checkpoint as a file: a packaged one (cdabench/builtin/teachers/<name>),
+    else a path; one that is neither is refused with both places named."""
+    packaged_file = packaged.builtin("teachers", name)
+    if packaged_file.is_file():
+        with resources.as_file(packaged_file) as path:
+            yield path
+        return
+    if not Path(name).is_file():
+        raise DataError(f"the task's teacher_checkpoint {name!r} is neither a file in cdabench/builtin/teachers/ nor "
+                        "a path to a checkpoint: fix the task's teacher_checkpoint, or remove it to train the teacher")
+    yield Path(name)
