@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="post-train a student on a distilled set; append a record")
     _common(e)
     e.add_argument("--data", required=True, help="folder written by `cdabench distill`, or any ImageFolder")
-    e.add_argument("--student", default="resnet18")
+    e.add_argument("--student", default=None,
+                   help="a model name (`cdabench list`; default: the first student of the task's panel, resnet18 on "
+                        "the papers' tasks)")
     e.add_argument("--labels", default="soft", choices=("soft", "hard"))
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--epochs", type=int, default=None, help="override the task's post-train epochs")
@@ -146,7 +148,8 @@ def _dispatch(args, command: str) -> int:
         ipc = args.ipc if args.ipc is not None else task.ipcs[0]
         distill(ctx, args.method, ipc, args.seed, args.out, args.teacher, command)
     elif args.command == "evaluate":
-        record = evaluate(ctx, args.data, args.student, args.labels, args.seed, args.teacher, command, args.epochs,
+        student = args.student or task.panel[0]
+        record = evaluate(ctx, args.data, student, args.labels, args.seed, args.teacher, command, args.epochs,
                           allow_label_mismatch=args.allow_label_mismatch)
         if ctx.group.is_main:  # under torchrun every rank holds the record; one appends it
             records.append_record(Path(args.out) / "records.jsonl", record)

@@ -25,16 +25,27 @@ def test_t_interval_by_hand():
     assert interval.high == pytest.approx(3.0 + half)
     single = stats.t_interval([4.0])
     assert single.low is None and single.n == 1
+    assert str(single) == "+4.0, n/a (1 seed)"
+
+
+def test_two_values_give_no_interval():
+    # t_{0.975, 1} = 12.7: two seeds 2 points apart would give [-13.7, +17.7], which says nothing
+    pair = stats.t_interval([1.0, 3.0])
+    assert (pair.mean, pair.low, pair.high, pair.n) == (2.0, None, None, 2)
+    assert str(pair) == "+2.0, n/a (2 seeds)"
+    assert stats.t_interval([1.0, 3.0], min_values=2).half_width == pytest.approx(12.706204736174707 * math.sqrt(2) / math.sqrt(2))
 
 
 def test_paired_difference_uses_common_seeds_only():
     a = {0: 90.0, 1: 92.0, 2: 50.0}
     b = {0: 88.0, 1: 91.0}
+    a = {0: 90.0, 1: 92.0, 2: 50.0, 3: 70.0}
+    b = {0: 88.0, 1: 91.0, 3: 64.0, 4: 10.0}
     diff = stats.paired_difference(a, b)
-    # differences 2 and 1: mean 1.5, sd sqrt(0.5), t_{0.975,1} = 12.706204736174707
-    half = 12.706204736174707 * math.sqrt(0.5) / math.sqrt(2.0)
-    assert diff.mean == pytest.approx(1.5)
-    assert diff.low == pytest.approx(1.5 - half) and diff.high == pytest.approx(1.5 + half)
+    # seeds 0, 1, 3: differences 2, 1, 6: mean 3, sd sqrt(7), t_{0.975,2} = 4.302652729911275
+    half = 4.302652729911275 * math.sqrt(7.0) / math.sqrt(3.0)
+    assert diff.mean == pytest.approx(3.0) and diff.n == 3
+    assert diff.low == pytest.approx(3.0 - half) and diff.high == pytest.approx(3.0 + half)
     assert stats.paired_difference({0: 1.0}, {1: 1.0}) is None
 
 

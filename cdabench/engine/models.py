@@ -15,6 +15,7 @@ Any other name is passed to timm as it is.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -131,6 +132,51 @@ def _deit_tiny(timm_name, num_classes, in_chans, image_size, patch_size=None):
         raise ValueError(f"patch_size {patch} does not divide the image size {image_size}: pick a divisor")
     return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
                              img_size=image_size, patch_size=patch)
+
+
+# ---------------------------------------------------------------- the small-data panel
+# The four families of the cross-architecture panel at widths sized for data far smaller than
+# ImageNet's (the embedded 8x8 digits), as the CIFAR ResNets are (16 base channels): a named
+# deviation that a task opts into (its `panel`); the papers' tasks keep the standard models above.
+# At 8 px a standard-width step is compute-bound and these are 3-6x cheaper (docs/digits.md).
+
+def _narrow_resnet(timm_name, num_classes, in_chans, image_size, width=16, zero_init_residual=False):
+    channels = tuple(width * 2 ** i for i in range(4))
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                              channels=channels, stem_width=width, zero_init_last=zero_init_residual)
+    return _small_resnet(model, in_chans, image_size)
+
+
+def _describe_narrow_resnet(timm_name, image_size, width=16, zero_init_residual=False):
+    return _describe_resnet(timm_name, image_size, zero_init_residual) + f", base width {width} (standard 64)"
+
+
+for _depth, _width in ((18, 16), (50, 16), (18, 32)):
+    register_model(f"resnet{_depth}_w{_width}", f"resnet{_depth}",
+                   f"timm ResNet-{_depth} at base width {_width} for tiny images; small stem at <= 64 px",
+                   functools.partial(_describe_narrow_resnet, width=_width), options=("zero_init_residual",))(
+        functools.partial(_narrow_resnet, width=_width))
+
+register_model("mobilenetv2_035", "mobilenetv2_035", "timm MobileNetV2 0.35; stride-1 stem at <= 64 px",
+               _describe_mobilenetv2)(_mobilenetv2)
+
+
+def _small_deit(timm_name, num_classes, in_chans, image_size, patch_size=None, embed_dim=64, depth=6, num_heads=2):
+    patch = patch_size or deit_patch_size(image_size)
+    if image_size % patch:
+        raise ValueError(f"patch_size {patch} does not divide the image size {image_size}: pick a divisor")
+    return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                             img_size=image_size, patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+
+
+def _describe_small_deit(timm_name, image_size, patch_size=None):
+    return (f"{timm_name} at embedding 64, 6 blocks, 2 heads (DeiT-Tiny: 192, 12, 3), img_size {image_size}, "
+            f"patch {patch_size or deit_patch_size(image_size)}")
+
+
+register_model("deit_w64", "deit_tiny_patch16_224",
+               "timm DeiT at embedding 64, 6 blocks, 2 heads, for tiny images; patch = size/8 below 224 px",
+               _describe_small_deit, options=("patch_size",))(_small_deit)
 
 
 def list_models() -> list[str]:

@@ -52,10 +52,10 @@ def narrow(suite: Suite, task: str | None = None, ipcs=None, students=None, seed
 
 def validate(suite: Suite) -> None:
     """Unknown names fail before any work starts, listing the valid ones."""
-    load_task(suite.task)
+    task = load_task(suite.task)
     for method in suite.methods + suite.hard_label_methods:
         load_method(method)
-    unknown = [s for s in suite.students if s not in MODELS and not timm.is_model(s)]
+    unknown = [s for s in suite.students or task.panel if s not in MODELS and not timm.is_model(s)]
     if unknown:
         raise ConfigError(f"unknown student(s) {', '.join(unknown)}: use {', '.join(sorted(MODELS))} or a timm model name")
     bad = [label for label in suite.labels if label not in ("soft", "hard")]
@@ -73,7 +73,7 @@ def expand(suite: Suite) -> list[Cell]:
         full = method.kind == "select" and method.strategy == "full"
         for ipc in ([None] if full else ipcs):
             for seed in suite.seeds:
-                for student in suite.students:
+                for student in suite.students or task.panel:
                     labels = list(suite.labels)
                     if method_name in suite.hard_label_methods and "hard" not in labels:
                         labels.append("hard")

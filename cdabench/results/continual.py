@@ -142,6 +142,50 @@ def rich_table(records: list[dict]) -> list[Table]:
     return tables
 
 
+MEMORY_ORDER = ("random", "herding", "cda", "sre2l")   # random real images first: the fairness control
+
+
+def _memory_rank(memory: str) -> tuple:
+    return (MEMORY_ORDER.index(memory), "") if memory in MEMORY_ORDER else (len(MEMORY_ORDER), memory)
+
+
+def _by_seed(row: CurveRow, key: str) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in row.records}
+
+
+def differences(rows: list[CurveRow]) -> list[tuple[str, CurveRow, CurveRow]]:
+    """The comparisons a continual page is read for, as (what, a, b) meaning a - b, paired by seed:
+    under retrain (masked teacher) each memory against random real images; under each sequential
+    strategy that replays a chosen memory, every pair of memories (random real images first)."""
+    out = []
+    retrain = {row.memory: row for row in rows if row.protocol == "retrain" and row.masked}
+    if "random" in retrain:
+        out += [("retrain", retrain[m], retrain["random"]) for m in sorted(retrain, key=_memory_rank) if m != "random"]
+    by_strategy = defaultdict(dict)
+    for row in rows:
+        if row.protocol == "sequential" and row.memory not in ("none", "own-buffer"):
+            by_strategy[row.strategy][row.memory] = row
+    for strategy, memories in sorted(by_strategy.items()):
+        names = sorted(memories, key=_memory_rank)
+        out += [(strategy, memories[b], memories[a]) for i, a in enumerate(names) for b in names[i + 1:]]
+    return out
+
+
+def difference_rows(rows: list[CurveRow]) -> list[list[str]]:
+    """Markdown rows: each difference's final and average incremental accuracy, with a 95 %
+    t-interval over seeds where there are enough of them (stats.MIN_INTERVAL_VALUES)."""
+    table = []
+    for what, a, b in differences(rows):
+        final = stats.paired_difference(_by_seed(a, "final_accuracy"), _by_seed(b, "final_accuracy"))
+        average = stats.paired_difference(_by_seed(a, "average_incremental_accuracy"),
+                                          _by_seed(b, "average_incremental_accuracy"))
+        if final is None:
+            continue
+        seeds = sorted(set(_by_seed(a, "final_accuracy")) & set(_by_seed(b, "final_accuracy")))
+        table.append([what, f"{a.memory} − {b.memory}", str(final), str(average), ",".join(map(str, seeds))])
+    return table
+
+
 def published_rows(records: list[dict], published_table: list[dict]) -> list[list[str]]:
     """The published per-step numbers beside ours: the same dataset, steps, IPC, memory, student,
     protocol and masking (the papers' retrain is unmasked); our masked number alongside."""
@@ -187,6 +231,13 @@ def markdown_section(records: list[dict], published_table: list[dict], figures: 
         lines += md_table(["protocol", "strategy · memory", "masked", "seen-class accuracy after each step",
                             "final", "avg incremental", "forgetting", "BWT", "unseen", "memory images",
                             "memory bytes (images + labels)", "seeds"], table)
+        diffs = difference_rows(group_rows)
+        if diffs:
+            lines += ["", "Differences between memories, paired by seed (the unit: a seed draws the class order, the "
+                      "memories and the training), with a 95 % t-interval where there are at least "
+                      f"{stats.MIN_INTERVAL_VALUES} seeds:", ""]
+            lines += md_table(["protocol / strategy", "memory difference", "final accuracy Δ [95% CI]",
+                               "avg incremental Δ [95% CI]", "seeds"], diffs)
         orders = sorted({tuple(r["class_order"]) for row in group_rows for r in row.records})
         lines += ["", "Class orders (by seed): " + "; ".join(" ".join(map(str, o)) for o in orders) + ".", ""]
     if published_table:
@@ -206,6 +257,23 @@ def markdown_section(records: list[dict], published_table: list[dict], figures: 
     return lines
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf")   # matplotlib's tab10
+
+
+def _curve_style(row: CurveRow, rows: list[CurveRow]) -> tuple[str, str, str]:
+    """A line's colour names its strategy (retrain is one), its marker its memory and its line
+    style the protocol (solid retrain, dotted the papers' unmasked retrain, dashed sequential): every
+    line of a scenario differs from every other in colour or marker, so no two look alike."""
+    strategies = sorted({r.strategy for r in rows}, key=lambda s: (s != "retrain", s))
+    memories = sorted({r.memory for r in rows}, key=_memory_rank)
+    color = _COLOURS[strategies.index(row.strategy) % len(_COLOURS)]
+    marker = _MARKERS[memories.index(row.memory) % len(_MARKERS)]
+    line = "--" if row.protocol == "sequential" else ("-" if row.masked else ":")
+    return color, marker, line
+
+
 def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[str]:
     """Per scenario: accuracy vs classes seen, and the accuracy matrices (mean over seeds)."""
     from cdabench.results import plots  # lazily: matplotlib loads only when plots are drawn
@@ -215,17 +283,18 @@ def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[st
     names = []
     for (task_name, steps, ipc, student), rows in scenarios(group(records)).items():
         stem = f"{task}-continual-{steps}steps-ipc{ipc}-{student}"
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for row in rows:
             mean, std = row.curve()
             x = [row.classes_per_step * (i + 1) for i in range(len(mean))]
-            ax.errorbar(x, mean, yerr=std if any(std) else None, marker="o", capsize=3, label=row.label,
-                        ls="-" if row.protocol == "retrain" else "--")
+            color, marker, line = _curve_style(row, rows)
+            ax.errorbar(x, mean, yerr=std if any(std) else None, marker=marker, capsize=3, label=row.label,
+                        color=color, ls=line, markersize=5)
         ax.set_xlabel("classes seen")
         ax.set_ylabel("top-1 % on the seen classes")
         ax.set_ylim(0, 100)
         ax.set_title(f"{task_name}: {steps} steps, {ipc} images per class, {student}", fontsize=9)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))   # beside the lines, never over them
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         plots.footer(fig, provenance)
         plots.save_png(fig, out / f"{stem}-curves.png")

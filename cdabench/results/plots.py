@@ -1,5 +1,5 @@
 """PNG figures of a leaderboard (matplotlib, Agg): accuracy vs IPC with the random baseline as a
-band, the method x student heatmap, and accuracy vs total bytes of images + stored labels.
+band, the method x student heatmap of every IPC, and accuracy vs total bytes of images + stored labels.
 Every figure carries its provenance in a footer."""
 from __future__ import annotations
 
@@ -70,13 +70,13 @@ def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) ->
                              out, f"{task}-accuracy-vs-ipc.png")
 
 
-def heatmap(task: str, summaries: list[report.Summary], out: Path, provenance: dict) -> str:
-    summary = max(summaries, key=lambda s: len(s.rows))  # the IPC with the most methods
+def heatmap(task: str, summary: report.Summary, out: Path, provenance: dict) -> str:
+    """The method x student matrix of one IPC (mean over seeds)."""
     labels = [r.label for r in summary.rows]
     values = [[r.student_mean(s) if r.student_mean(s) is not None else float("nan") for s in summary.students]
               for r in summary.rows]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(summary.students), 0.9 + 0.45 * len(labels)))
-    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=100)
     ax.set_xticks(range(len(summary.students)), summary.students, rotation=20, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     for i, row in enumerate(values):
@@ -88,7 +88,7 @@ def heatmap(task: str, summaries: list[report.Summary], out: Path, provenance: d
     ax.set_title(f"{task}, {ipc}: method × student", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     footer(fig, provenance)
-    name = f"{task}-heatmap.png"
+    name = f"{task}-heatmap-{'full' if summary.ipc is None else f'ipc{summary.ipc}'}.png"
     save_png(fig, out / name)
     return name
 
@@ -111,5 +111,6 @@ def accuracy_vs_bytes(task: str, rows: list[dict], out: Path, provenance: dict) 
 
 def draw_task(task: str, rows: list[dict], summaries: list[report.Summary], out: Path, provenance: dict) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    return [accuracy_vs_ipc(task, rows, out, provenance), heatmap(task, summaries, out, provenance),
+    return [accuracy_vs_ipc(task, rows, out, provenance),
+            *(heatmap(task, summary, out, provenance) for summary in summaries),
             accuracy_vs_bytes(task, rows, out, provenance)]

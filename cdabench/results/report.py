@@ -78,7 +78,9 @@ def verdict(summary: Summary, row: Row) -> str | None:
     if delta is None or row.method == "full":
         return None
     if delta.low is None:
-        return f"{row.label}: {delta.mean:+.1f} points vs random real images ({row.labels} labels), one seed: no interval."
+        return (f"{row.label}: {delta.mean:+.1f} points vs random real images ({row.labels} labels); "
+                f"{delta.n} seed{'' if delta.n == 1 else 's'}, too few for an interval (at least "
+                f"{stats.MIN_INTERVAL_VALUES}).")
     if delta.high < 0:
         word = "loses to"
     elif delta.low > 0:
