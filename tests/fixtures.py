@@ -216,6 +216,38 @@ def grid_records(shift: dict | None = None) -> list[dict]:
     return rows
 
 
+def shuffled_runs(folder: Path, rows: list[dict], seed: int) -> list[Path]:
+    """`rows` in a shuffled order, each record's keys shuffled too, split over two run folders,
+    returned in reverse order: what a leaderboard must not depend on."""
+    rng = random.Random(seed)
+    rows = list(rows)
+    rng.shuffle(rows)
+    folders = []
+    for part, chunk in enumerate((rows[: len(rows) // 2], rows[len(rows) // 2:])):
+        lines = []
+        for r in chunk:
+            keys = list(r)
+            rng.shuffle(keys)
+            lines.append(json.dumps({k: r[k] for k in keys}) + "\n")
+        path = folder / f"part{part}"
+        path.mkdir(parents=True)
+        (path / "records.jsonl").write_text("".join(lines))
+        folders.append(path)
+    return folders[::-1]
+
+
+def leaderboard_in_subprocess(out: Path, runs: list[Path], mpl_config: Path) -> dict[str, bytes]:
+    """`cdabench leaderboard`'s generate() in a fresh process; {file name: bytes} of what it wrote."""
+    import subprocess
+    import sys
+    code = ("import sys; from pathlib import Path; from cdabench.results.leaderboard import generate; "
+            "generate([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(out), *map(str, runs)], cwd=REPO,
+                          env=child_env(MPLCONFIGDIR=str(mpl_config)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+
+
 
 # ------------------------------------------------------------------------ global random state
 def global_rng_states():
