@@ -166,6 +166,20 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
+@contextmanager
+def one_thread():
+    """One intra-op thread in this process for the block (the thread count before it restored
+    after). A test that compares numbers across processes bit for bit pins this itself: a CPU
+    convolution's or matmul's reduction order follows the number of threads, so equal results need
+    equal thread counts in every process, not only the one conftest.py sets for the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
     """Run the CLI in this process; return its exit code and everything it printed,
     whitespace-normalised (rich wraps long messages at the console width)."""

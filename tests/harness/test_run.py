@@ -12,7 +12,7 @@ from cdabench import records
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
 from cdabench.schema import Suite
-from tests.fixtures import child_env, interrupt_at, suite_file, tiny_task_file
+from tests.fixtures import child_env, interrupt_at, one_thread, suite_file, tiny_task_file
 
 
 def write_task(folder: Path, cda_iterations: int = 3, epochs: int = 2) -> str:
@@ -69,12 +69,16 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch, private_cache)
 
 def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch, private_cache):
     """`--workers 2` evaluates cells in two spawned processes; each cell's record is the one the
-    single-process run writes (same keys, same accuracies: one thread either way in this suite),
-    and the parent alone writes records.jsonl (every cell exactly once; the workers write nothing)."""
+    single-process run writes (same keys, same accuracies), and the parent alone writes
+    records.jsonl (every cell exactly once; the workers write nothing). Bit-equal accuracies
+    need one thread in every process: this process pins it, and the workers get this process's
+    threads / workers = 1 (harness/run.py), as their records' device says."""
     monkeypatch.setenv("CDABENCH_CACHE", str(private_cache))
     task = write_task(tmp_path)
-    one = run_suite(suite_for(task), tmp_path / "one", device="cpu", workers=1)
-    two = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
+    with one_thread():
+        one = run_suite(suite_for(task), tmp_path / "one", device="cpu", workers=1)
+        two = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
+    assert all(r["device"].endswith(" x1 threads") for r in one + two), {r["device"] for r in one + two}
     assert [r["cell"] for r in one] == [r["cell"] for r in two]        # grid order, whoever finished first
     assert [(r["cell_key"], r["top1"], r["heldout_top1"]) for r in one] == \
         [(r["cell_key"], r["top1"], r["heldout_top1"]) for r in two]
