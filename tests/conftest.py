@@ -9,12 +9,14 @@ datasets) are in fixtures.py.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from cdabench import progress
+from cdabench.engine import runtime
 
 from tests.fixtures import tiny_task_file
 
@@ -102,3 +104,33 @@ def private_cache(tmp_path, session_cache, tiny_teacher) -> Path:
     cache = tmp_path / "private-cache"
     shutil.copytree(session_cache / "teachers", cache / "teachers")
     return cache
+
+
+# bf16 on a CPU. "native": where the CPU has native bf16 (runtime.bf16_supported: oneDNN's
+# AVX-512 BF16 / AMX kernels), the run every user gets; elsewhere skipped, and the skip reason and a
+# warning say what was not checked. "emulated": where the CPU has no native bf16 (most CI runners),
+# the one function that decides the capability says yes, so the same bf16 code runs on torch's
+# emulated bf16 kernels (exact bf16 rounding, 20-40x slower than fp32: small networks only);
+# skipped where the native run ran. Either way the bf16 code runs on every machine.
+@pytest.fixture
+def native_bf16(request) -> None:
+    if not runtime.bf16_supported(torch.device("cpu")):
+        what = f"{request.node.name} on native bf16 kernels (oneDNN AVX-512 BF16 / AMX)"
+        warnings.warn(f"not checked on this CPU, which has no native bf16: {what}; its emulated-bf16 variant ran",
+                      UserWarning)
+        pytest.skip(f"this CPU has no native bf16: {what} not checked (its emulated variant ran)")
+
+
+@pytest.fixture
+def emulated_bf16(monkeypatch) -> None:
+    if runtime.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has native bf16: the native variant ran these checks")
+    decide = runtime.bf16_supported
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: device.type == "cpu" or decide(device))
+
+
+@pytest.fixture(params=["native", "emulated"])
+def bf16_cpu(request) -> str:
+    """Both variants of a bf16 test that is cheap enough to run on emulated bf16 as it is."""
+    request.getfixturevalue(f"{request.param}_bf16")
+    return request.param

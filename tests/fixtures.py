@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import struct
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -178,6 +179,18 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def wait_for(condition, timeout: float, every: float = 0.1) -> bool:
+    """Poll `condition()` until it is true or `timeout` seconds have passed; whether it became true.
+    Tests wait on conditions, not on the clock: a deadline is generous (a loaded machine is slow)
+    and a healthy run meets the condition long before it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
