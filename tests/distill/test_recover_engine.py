@@ -325,7 +325,7 @@ def _graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_compiled_recover_equals_eager_is_deterministic_and_compiles_once(tmp_path):
+def test_compiled_recover_equals_eager_is_deterministic_and_compiles_once(tmp_path, inductor):
     """`compile = true`: torch.compile (inductor, the real compiler) of the teacher's hooked forward.
     The images equal eager's to float rounding; two runs, each compiling afresh, are byte-identical;
     and run_recover compiles one graph for all its shard groups of one size (the hooks and the

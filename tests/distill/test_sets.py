@@ -185,7 +185,7 @@ def test_rerun_into_a_different_configuration_is_refused(capsys, cli_common, tmp
 
 
 @pytest.mark.slow
-def test_a_resume_that_switched_compile_records_compiled_mixed(tmp_path):
+def test_a_resume_that_switched_compile_records_compiled_mixed(tmp_path, inductor):
     """The manifest says how recover's teacher forward ran: `false` (eager), `true` (torch.compile)
     or `"mixed"` when a killed run is resumed with `compile` switched (a setting of how the work
     runs, not of what it computes, so the same --out resumes). Killed after the first of 4 CDA
@@ -208,8 +208,6 @@ def test_a_resume_that_switched_compile_records_compiled_mixed(tmp_path):
     assert [p.name for p in (out / "shards").glob("*.json")] == ["c0000_g0000.json"]
     manifest = distill(open_context(load_task(str(compiled)), None, "cpu", cache), "cda", 2, 0, out)
     ran = {p.stem: artifacts.read_json(p)["compiled"] for p in sorted((out / "shards").glob("*.json"))}
-    if not any(ran.values()):
-        pytest.skip(f"torch.compile fell back to eager on this machine (no C++ compiler?): {ran}")
     assert ran == {"c0000_g0000": False, "c0000_g0001": True, "c0001_g0000": True, "c0001_g0001": True}
     assert manifest["compiled"] == "mixed"
     assert artifacts.read_json(out / "manifest.json")["compiled"] == "mixed"

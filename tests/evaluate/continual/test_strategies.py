@@ -4,7 +4,6 @@ the registry refuses a second entry of a name; a strategy without the memory it 
 one and an excluded one are refused."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,6 @@ from cdabench.config import ConfigError
 from cdabench.engine.models import create_model
 from cdabench.engine.train import ImageBank, to_unit
 from cdabench.evaluate.continual import avalanche_env, metrics
-from cdabench.evaluate.continual.scenario import build_scenario
 from cdabench.evaluate.continual.sequential import SequentialSettings, run_sequential
 from cdabench.evaluate.continual.strategies import (check_strategy, create_strategy, list_strategies, memory_kind,
                                                     register_strategy)
@@ -46,14 +44,6 @@ def test_every_strategy_runs_and_learns_the_first_experience(strategy, digits, s
 # on the first experience's test images is 0.0 in every run measured). LwF and EWC at strong
 # settings (alpha 10; lambda 1e6: on so short a stream Avalanche's defaults move nothing measurable).
 FORGETTING = SequentialSettings(epochs=15, batch_size=16, lr=0.005, lwf_alpha=10.0, ewc_lambda=1e6)
-
-
-@pytest.fixture(scope="module")
-def two_steps(digits):
-    fit = digits.source("fit")
-    idx = np.concatenate([np.flatnonzero(fit.labels.numpy() == c)[:12] for c in range(10)])
-    train = ImageBank(fit.images[idx], fit.labels[idx])
-    return build_scenario(train, digits.source("test"), 10, 2, 0, digits.mean, digits.std, digits.classes)
 
 
 @torch.no_grad()
