@@ -104,3 +104,31 @@ def save_state_dict(path: Path, state: dict[str, torch.Tensor]) -> None:
 def load_state_dict(path: Path, map_location="cpu") -> dict:
     # weights_only: a checkpoint is data, never code to unpickle.
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class UnsafeFileError(ValueError):
+    """A torch file holds a Python object that the weights-only loader does not allow."""
+
+
+def load_weights_only(path: Path, what: str, allowed: tuple = ()):
+    """torch.load(path, weights_only=True) with exactly the extra globals in `allowed` (objects,
+    or (object, "module.name") pairs for a name an older library wrote, e.g. numpy 1's
+    numpy.core.multiarray.scalar). Nothing in the file is ever executed: any other global is
+    refused before anything is built, and the error names it (`what` says which file it is)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        try:  # a scan of the pickle's opcodes: it names the globals without running any of them
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        allowed_names = {a[1] if isinstance(a, tuple) else f"{a.__module__}.{a.__qualname__}" for a in allowed}
+        unsafe = [g for g in unsafe if g not in allowed_names]
+        if unsafe:
+            raise UnsafeFileError(
+                f"{what} {path} holds Python objects that a weights-only load refuses: {', '.join(unsafe)}. "
+                "Unpickling them could run code, so cdabench never does; a file that holds only tensors, numbers, "
+                "strings, lists and dicts" + (f" (and {', '.join(sorted(allowed_names))})" if allowed_names else "")
+                + " loads. Re-save the data as plain tensors (e.g. torch.save(model.state_dict(), path))") from exc
+        raise UnsafeFileError(f"cannot read {what} {path} as a weights-only torch file: {exc}") from exc

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cdabench import packaged
-from cdabench.schema import (AugmentSpec, ContinualSuite, CropSchedule, KDConfig, Method, PostTrain, RecoverConfig,
-                             SequentialSettings, StudentOverride, Task, TrainRecipe)
+from cdabench.schema import (AugmentSpec, ContinualSuite, CropSchedule, ExternalSource, KDConfig, Method, PostTrain,
+                             RecoverConfig, SequentialSettings, StudentOverride, Task, TrainRecipe)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,6 +64,7 @@ _NESTED = {
     (PostTrain, "kd"): KDConfig,
     (PostTrain, "students"): dict,
     (Method, "crop"): CropSchedule,
+    (Method, "source"): ExternalSource,
     (ContinualSuite, "sequential"): SequentialSettings,
 }
 _DICT_VALUE = {(Task, "recover"): RecoverConfig, (PostTrain, "students"): StudentOverride}
@@ -74,9 +75,16 @@ CDA = Method(name="cda", kind="recover", crop=CropSchedule(kind="cosine", milest
 
 
 def method_uses_seed(method: Method) -> bool:
-    """Whether the distilled set changes with the seed (herding and full are deterministic, so
-    one set serves every seed; the seed then only seeds the student)."""
-    return not (method.kind == "select" and method.strategy in ("herding", "full"))
+    """Whether the distilled set changes with the seed (herding and full are deterministic, and an
+    external set is a given file, so one set serves every seed; the seed then only seeds the student)."""
+    return not (method.kind == "select" and method.strategy in ("herding", "full")) and method.kind != "external"
+
+
+def external_source_path(method: Method, relative: str) -> Path:
+    """A path of an external method's [source] table: absolute as written, else relative to the
+    folder of the method entry that names it."""
+    path = Path(relative).expanduser()
+    return path if path.is_absolute() else Path(method.path).parent / path
 
 
 def read_toml(path: Path | Traversable) -> dict:

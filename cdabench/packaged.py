@@ -1,12 +1,12 @@
 """The files that ship inside the package (cdabench/builtin/): tasks, baselines, suites, the
-published numbers and the regression targets. They are read through importlib.resources, so every
+published numbers, the regression targets and example entries of external methods. They are read through importlib.resources, so every
 command finds them from an installed wheel in any folder, not only beside a source checkout."""
 from __future__ import annotations
 
 from importlib import resources
 from importlib.resources.abc import Traversable
 
-KINDS = ("tasks", "baselines", "suites", "leaderboards")
+KINDS = ("tasks", "baselines", "suites", "leaderboards", "external")
 
 
 def builtin(kind: str, name: str = "") -> Traversable:

@@ -1,6 +1,7 @@
 """Progress for long stages: rich bars on a terminal, plain lines otherwise (CI logs). Listeners
 (`listen`) see every advance of every bar: a dashboard, a log, or a test that interrupts a run
-after N units of work, as Ctrl-C would."""
+after N units of work, as Ctrl-C would. `Remaining` estimates the time left of work whose units
+cost differently (a suite's cells: their planned optimiser steps)."""
 from __future__ import annotations
 
 import sys
@@ -51,8 +52,10 @@ class _PlainBar(Bar):
         now = time.monotonic()
         if not _quiet and (now - self.last >= self.every or self.done >= self.total):
             self.last = now
-            print(f"{self.description}: {self.done}/{self.total} {self.info} [{now - self.start:.1f}s]",
-                  file=sys.stderr, flush=True)
+            # One write per line: several processes (torchrun's ranks) share the stream, and print()
+            # writes the text and its newline apart, so their lines could run into each other.
+            sys.stderr.write(f"{self.description}: {self.done}/{self.total} {self.info} [{now - self.start:.1f}s]\n")
+            sys.stderr.flush()
 
 
 class _RichBar(Bar):
@@ -85,6 +88,37 @@ def listen(listener: Callable[[Bar], None]):
         yield
     finally:
         _listeners.remove(listener)
+
+
+class Remaining:
+    """The time left of `total` planned cost, at the rate measured so far (cost done per second of
+    wall time since the start, so work done in parallel processes counts as it finishes)."""
+
+    def __init__(self, total: float, clock: Callable[[], float] = time.monotonic):
+        self.total, self.done, self.clock, self.start = float(total), 0.0, clock, clock()
+
+    def advance(self, cost: float) -> None:
+        self.done += cost
+
+    def seconds(self) -> float | None:
+        """None until some cost is done."""
+        if self.done <= 0:
+            return None
+        return max(0.0, self.total - self.done) * (self.clock() - self.start) / self.done
+
+    def __str__(self) -> str:
+        left = self.seconds()
+        return "estimating the time left" if left is None else f"about {duration(left)} left"
+
+
+def duration(seconds: float) -> str:
+    """1h05m, 4m07s, 42s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def log(message: str) -> None:

@@ -63,6 +63,19 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def unique_cells(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, duplicates): the first record of every cell, and the later records of a cell already
+    kept. A cell is its `cell_key` (a suite's cells), else its record hash (`cdabench evaluate`).
+    Two runs launched on one folder by an older version, or a record copied by hand, leave two
+    records of one cell: it is one measurement, counted once."""
+    kept, duplicates, seen = [], [], set()
+    for record in records:
+        key = _merge_key(record)
+        (duplicates if key in seen else kept).append(record)
+        seen.add(key)
+    return kept, duplicates
+
+
 def merge_records(path: Path, parts: list[Path], order: list[str] | None = None) -> list[dict]:
     """Append to `path` the records of the files `parts` (each rank's records of a multi-process
     suite) that it does not hold yet (by cell_key, else record hash), in one atomic write, then
@@ -93,3 +106,33 @@ def merge_records(path: Path, parts: list[Path], order: list[str] | None = None)
 
 def _merge_key(record: dict) -> str:
     return record.get("cell_key") or record.get("record_hash") or record_id(record)
+
+
+# ------------------------------------------------------------------ curves
+# A cell's curve (evaluate/posttrain.py: per epoch its mean training loss, learning rate and, at
+# the chosen epochs, held-out top-1) is one small JSON file beside the records, named by the
+# cell's key; its record holds the file's path relative to the records' folder.
+CURVES = "curves"
+
+
+def write_curve(folder: Path, key: str, record: dict) -> dict:
+    """Store `record`'s curve (if it has one) atomically as <folder>/curves/<key>.json; the record
+    with `curve` replaced by that file's path relative to `folder`."""
+    curve = record.get("curve")
+    if not isinstance(curve, dict):
+        return record
+    relative = f"{CURVES}/{key}.json"
+    artifacts.atomic_write_json(Path(folder) / relative, {**curve, "key": key})
+    return dict(record, curve=relative)
+
+
+def read_curve(folder: Path, record: dict) -> dict | None:
+    """The curve a record (read from <folder>/records.jsonl) refers to, or None when it has none."""
+    relative = record.get("curve")
+    if not isinstance(relative, str):
+        return None
+    path = Path(folder) / relative
+    if not path.is_file():
+        raise RecordError(f"{path}: the curve of cell {record.get('cell', record.get('record_hash'))} is missing; "
+                          "re-run the cell (delete its record) to write it again")
+    return artifacts.read_json(path)

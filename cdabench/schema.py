@@ -268,27 +268,88 @@ class Task:
             raise ValueError("set exactly one of holdout_fraction / holdout_per_class")
 
 
+VALUE_SPACES = ("pixel", "normalized", "zca")
+LABEL_SOURCES = ("auto", "hard", "logits", "fkd")
+
+
+@dataclass(frozen=True)
+class ExternalSource:
+    """A distilled set another method made, as that method ships it (docs/bring-your-own.md).
+
+    path: its file or folder (relative paths: to the method entry's folder). format: a reader of
+    cdabench/distill/formats.py, or "auto" (detected from the path). space: what the image values
+    are: "pixel" ([0, 1] units, or uint8 files), "normalized" ((pixel - mean) / std with the
+    method's `mean`/`std`; empty: the task's) or "zca" (kornia's ZCAWhitening(eps=zca_eps) fitted
+    on the task's [0, 1] training images, as MTT/DATM run with --zca). labels: the method's own
+    labels, used by `method`-label cells: "hard" (the class indices), "logits" (per-image logits
+    shipped with the set), "fkd" (an FKD soft-label directory, `fkd_path`), or "auto" (logits when
+    the set has them, fkd when fkd_path is set, else hard); logits and FKD labels are used through
+    softmax at `temperature` (x T^2 if `t_squared`), the method's protocol. class_order: the task
+    class of each of the set's label indices, for sets labelled by index (tensor files, folders named
+    by integer); empty: index k is the task's class k."""
+
+    path: str
+    format: str = "auto"
+    space: str = "pixel"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    zca_eps: float = 0.1
+    labels: str = "auto"
+    temperature: float = 1.0
+    t_squared: bool = False
+    fkd_path: str = ""
+    fkd_seed: int = 42                   # the relabel script's RandomSampler seed (SRe2L/CDA/D4M: 42)
+    fkd_input_size: int | None = None    # the relabel crop size in pixels (None: the stored images' size)
+    learned_lr: bool = True              # method-label cells train at the set's learned lr, when it has one
+    experiment: int = 0                  # DC/DSA/DM res_*.pt files: which experiment's set
+    class_order: tuple[str, ...] = ()
+    ipc: int | None = None               # images per class, checked on reading (a suite needs it to place the set)
+
+    def __post_init__(self):
+        if self.space not in VALUE_SPACES:
+            raise ValueError(f"space must be one of {', '.join(VALUE_SPACES)}, got {self.space!r}")
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"labels must be one of {', '.join(LABEL_SOURCES)}, got {self.labels!r}")
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have one value per channel each (or both be empty)")
+        if self.space != "normalized" and (self.mean or self.std):
+            raise ValueError(f"mean/std describe a normalized set, but space is {self.space!r}")
+        if self.labels == "fkd" and not self.fkd_path:
+            raise ValueError("labels = 'fkd' needs fkd_path, the FKD soft-label directory (epoch_<e>/batch_<b>.tar)")
+        if self.temperature <= 0 or self.zca_eps <= 0:
+            raise ValueError("temperature and zca_eps must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Method:
     """A way to produce a distilled set: `recover` (SRe2L/CDA: the task's [recover.<name>]
-    settings with this crop schedule), `select` (real images: random, herding, full) or `noise`
+    settings with this crop schedule), `select` (real images: random, herding, full), `noise`
     (the recover start point, N(0, 1) in the normalised space, never optimised: the floor every
-    distilled set must clear by a wide margin)."""
+    distilled set must clear by a wide margin) or `external` (a set another method made, read as
+    that method ships it: the [source] table)."""
 
     name: str
-    kind: str                          # recover | select | noise
+    kind: str                          # recover | select | noise | external
     description: str = ""
     strategy: str = ""                 # select: random | herding | full
     crop: CropSchedule | None = None   # recover: the default crop schedule (a task may override)
+    source: ExternalSource | None = None   # external: where the set is and how to read it
+    citation: str = ""                 # the paper (and code) the method comes from
     path: str = ""
 
     def __post_init__(self):
-        if self.kind not in ("recover", "select", "noise"):
-            raise ValueError(f"method kind must be recover, select or noise, got {self.kind!r}")
+        if self.kind not in ("recover", "select", "noise", "external"):
+            raise ValueError(f"method kind must be recover, select, noise or external, got {self.kind!r}")
         if self.kind == "select" and self.strategy not in ("random", "herding", "full"):
             raise ValueError(f"select strategy must be random, herding or full, got {self.strategy!r}")
         if self.kind == "recover" and self.crop is None:
             raise ValueError("a recover method needs a [crop] table")
+        if (self.kind == "external") != (self.source is not None):
+            raise ValueError("an external method needs a [source] table (path, format, space, labels, ...), "
+                             "and only an external method has one")
 
 
 # ---------------------------------------------------------------- suites
@@ -302,7 +363,10 @@ class Suite:
     ipcs: tuple[int, ...] = ()               # empty: the task's IPCs
     students: tuple[str, ...] = ()           # empty: the task's panel
     labels: tuple[str, ...] = ("soft",)
-    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair)
+    hard_label_methods: tuple[str, ...] = ()  # these methods also run with hard labels (fairness pair; with
+                                              # `full`: the hard-label recovery, docs/suites.md)
+    no_augment_methods: tuple[str, ...] = ()  # these methods also run with the student's augmentation off
+                                              # (the augmentation share; needs `random`, docs/suites.md)
     seeds: tuple[int, ...] = (0, 1)
     path: str = ""
 

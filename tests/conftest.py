@@ -164,3 +164,13 @@ def inductor(request, _inductor_error) -> None:
         warnings.warn(f"not checked here, torch.compile fails on this machine ({_inductor_error}): {what}",
                       UserWarning)
         pytest.skip(f"torch.compile fails on this machine ({_inductor_error}): {what} not checked")
+
+
+@pytest.fixture(scope="session")
+def digits_set(tiny_ctx):
+    """The content every external-format fixture ships (tests/fixtures.py builders): two real fit
+    images per digit, class-major, as [0, 1] floats (N, 1, 8, 8), and their labels."""
+    from tests.fixtures import class_major_labels
+    bank = tiny_ctx.source("fit")
+    idx = torch.cat([torch.nonzero(bank.labels == c)[:2, 0] for c in range(10)])
+    return bank.images[idx].float() / 255, class_major_labels(10, 2)

@@ -551,3 +551,296 @@ def make_imagefolder(
                 suffix = ".png" if j % 2 == 0 else ".JPEG"
                 write_image(Path(root) / split / name / f"{name}_{j}{suffix}", class_colour(label), size)
     return Path(root)
+
+
+# ------------------------------------------------------------- distilled sets as the field ships them
+# Each builder writes a set exactly as the method's own code saves it (issue 19; docs/bring-your-own.md):
+# the same containers, dtypes, file names and label orders. `images01` are [0, 1] float images
+# (N, C, H, W) in class-major order ([0]*ipc, [1]*ipc, ...), the order these methods initialise.
+def class_major_labels(num_classes: int, ipc: int) -> torch.Tensor:
+    """DC/MTT/DATM's label_syn: torch.tensor([np.ones(ipc) * i for i in range(K)], dtype=long).view(-1)."""
+    return torch.tensor(np.array([np.ones(ipc) * i for i in range(num_classes)]), dtype=torch.long).view(-1)
+
+
+def normalise(ctx, images01: torch.Tensor) -> torch.Tensor:
+    """(pixel - mean) / std with the task's constants: what MTT, DC and DD-Ranking save without ZCA."""
+    return (images01 - torch.tensor(ctx.mean).view(1, -1, 1, 1)) / torch.tensor(ctx.std).view(1, -1, 1, 1)
+
+
+def numpy_kornia_zca(train01: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kornia.enhance.ZCAWhitening(eps).fit, written out with numpy in float64 (eigh of the unbiased
+    covariance of the flattened images): (mean (1, D), T, T_inv), T = U (S + eps)^-1/2 U^T."""
+    x = train01.reshape(len(train01), -1).astype(np.float64)
+    mean = x.mean(axis=0, keepdims=True)
+    cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+    s, u = np.linalg.eigh(cov)
+    s = np.clip(s, 0.0, None)   # eigh may return -1e-17 for a zero eigenvalue
+    return mean, (u / np.sqrt(s + eps)) @ u.T, (u * np.sqrt(s + eps)) @ u.T
+
+
+def _optimised(t: torch.Tensor) -> torch.Tensor:
+    """The synthetic tensor as those scripts hold it: a leaf that requires grad."""
+    return t.detach().clone().float().requires_grad_(True)
+
+
+def save_mtt(folder: Path, images: torch.Tensor, labels: torch.Tensor, iteration: str = "best") -> Path:
+    """MTT distill.py: torch.save(image_syn.cpu(), images_<it>.pt), torch.save(label_syn.cpu(), labels_<it>.pt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(_optimised(images), folder / f"images_{iteration}.pt")
+    torch.save(labels.cpu(), folder / f"labels_{iteration}.pt")
+    return folder
+
+
+def save_datm(run: Path, images: torch.Tensor, logits: torch.Tensor, lr: float, iteration: str = "best") -> Path:
+    """DATM distill/DATM.py: <run>/Normal/images_<it>.pt, labels_<it>.pt (learned logits, a leaf that
+    requires grad) and lr_<it>.pt (syn_lr.detach().cpu(), a 0-d tensor)."""
+    folder = run / "Normal"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(_optimised(images), folder / f"images_{iteration}.pt")
+    torch.save(_optimised(logits), folder / f"labels_{iteration}.pt")
+    torch.save(torch.tensor(lr).detach().cpu(), folder / f"lr_{iteration}.pt")
+    return run
+
+
+def save_dc(folder: Path, experiments: list[tuple[torch.Tensor, torch.Tensor]], method: str = "DC",
+            dataset: str = "digits", model: str = "ConvNet", ipc: int = 2) -> Path:
+    """DC/DSA/DM main.py: torch.save({'data': data_save, 'accs_all_exps': accs_all_exps}, res_...pt),
+    data_save a list of [images, labels] per experiment (detached copies), the accuracies numpy
+    float64 (np.sum(np.equal(...)) / n in their evaluate_synset)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data_save = [[copy.deepcopy(x.detach().cpu()), copy.deepcopy(y.detach().cpu())] for x, y in experiments]
+    accs = {model: [np.sum(np.equal(np.arange(10), np.arange(10) % (k + 2))) / 10 for k in range(len(experiments))]}
+    path = folder / f"res_{method}_{dataset}_{model}_{ipc}ipc.pt"
+    torch.save({"data": data_save, "accs_all_exps": accs}, path)
+    return path
+
+
+def save_ddranking(folder: Path, images: torch.Tensor, soft_labels: torch.Tensor | None = None,
+               lr: float | None = None) -> Path:
+    """What DD-Ranking's README loads with torch.load: images.pt (class-major), labels.pt (N x K soft
+    labels), lr.pt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(images.detach().cpu(), folder / "images.pt")
+    if soft_labels is not None:
+        torch.save(soft_labels.detach().cpu(), folder / "labels.pt")
+    if lr is not None:
+        torch.save(torch.tensor(lr), folder / "lr.pt")
+    return folder
+
+
+def _pil(image01: torch.Tensor) -> Image.Image:
+    array = (image01.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def save_d4m_folder(root: Path, images01: torch.Tensor, labels: torch.Tensor, size: int = 224) -> Path:
+    """D4M gen_syn_image.py: <root>/<class index>/<index>-image<i><j>.png, unpadded integer folder
+    names, every image resized to 224 px (PIL's default resample)."""
+    counters: dict[int, int] = {}
+    for image, label in zip(images01, labels.tolist()):
+        j = counters.get(label, 0)
+        counters[label] = j + 1
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        _pil(image).resize((size, size)).save(root / str(label) / f"{label}-image0{j}.png")
+    return root
+
+
+def save_sre2l_folder(root: Path, images01: torch.Tensor, labels: torch.Tensor) -> Path:
+    """SRe2L/CDA recover: new{cls:03d}/class{cls:03d}_id{ipc:03d}.jpg (here PNG, as on CIFAR/Tiny in some)."""
+    counters: dict[int, int] = {}
+    for image, label in zip(images01, labels.tolist()):
+        k = counters.get(label, 0)
+        counters[label] = k + 1
+        (root / f"new{label:03d}").mkdir(parents=True, exist_ok=True)
+        _pil(image).save(root / f"new{label:03d}" / f"class{label:03d}_id{k:03d}.png")
+    return root
+
+
+def sre2l_rand_bbox(size, lam):
+    """SRe2L utils_fkd.rand_bbox: numpy int64 corners (rows x1:x2, columns y1:y2)."""
+    W, H = size[2], size[3]
+    cut_rat = np.sqrt(1.0 - lam)
+    cut_w, cut_h = int(W * cut_rat), int(H * cut_rat)
+    cx, cy = np.random.randint(W), np.random.randint(H)
+    return (np.clip(cx - cut_w // 2, 0, W), np.clip(cy - cut_h // 2, 0, H),
+            np.clip(cx + cut_w // 2, 0, W), np.clip(cy + cut_h // 2, 0, H))
+
+
+def save_fkd_labels(fkd_dir: Path, image_root: Path, teacher, normalize, epochs: int, batch_size: int,
+                    mix: str = "cutmix", seed: int = 42, input_size: int | None = None) -> list[list[torch.Tensor]]:
+    """SRe2L relabel/generate_soft_label.py on the image folder `image_root`: torchvision's ImageFolder
+    order, one RandomSampler(generator seeded `seed`) across epochs, batches of `batch_size`; per image a
+    RandomResizedCrop box saved as fractions and a flip; per batch CutMix (Beta(1, 1), numpy box) or
+    Mixup (Beta(0.8, 0.8)) or none; fp16 logits of the teacher on the mixed batch. Each batch file is
+    the 6-element list [coords, flip, mix_index, mix_lam, mix_bbox, logits]. The crops run on tensors
+    (torchvision's resized_crop), so a test can compare replayed views exactly; returns the mixed views
+    [epoch][batch] (un-normalised)."""
+    import torchvision
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms import functional as t_F
+
+    dataset = torchvision.datasets.ImageFolder(str(image_root))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    views_all = []
+    for epoch in range(epochs):
+        (fkd_dir / f"epoch_{epoch}").mkdir(parents=True, exist_ok=True)
+        order = list(sampler)
+        views_epoch = []
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            crops, coords, flips = [], [], []
+            for i in idx:
+                img = t_F.pil_to_tensor(dataset.loader(dataset.samples[i][0]).convert(
+                    "L" if teacher_channels(teacher) == 1 else "RGB")).float() / 255
+                h_img, w_img = img.shape[-2:]
+                size = input_size or h_img
+                top, left, h, w = RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+                coords.append(torch.FloatTensor((top / h_img, left / w_img, h / h_img, w / w_img)))
+                view = t_F.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+                flip = bool(torch.rand(1) < 0.5)
+                crops.append(t_F.hflip(view) if flip else view)
+                flips.append(flip)
+            images = torch.stack(crops)
+            mix_index = mix_lam = mix_bbox = None
+            if mix == "cutmix":
+                mix_index = torch.randperm(len(idx))
+                mix_lam = np.random.beta(1.0, 1.0)
+                x1, y1, x2, y2 = sre2l_rand_bbox(images.size(), mix_lam)
+                images[:, :, x1:x2, y1:y2] = images[mix_index, :, x1:x2, y1:y2]
+                mix_bbox = [x1, y1, x2, y2]
+            elif mix == "mixup":
+                mix_index = torch.randperm(len(idx))
+                mix_lam = np.random.beta(0.8, 0.8)
+                images = mix_lam * images + (1 - mix_lam) * images[mix_index]
+            with torch.no_grad():
+                logits = teacher(normalize(images)).half()
+            batch = [torch.stack(coords), torch.tensor(flips), mix_index, mix_lam, mix_bbox, logits.cpu()]
+            torch.save(batch, fkd_dir / f"epoch_{epoch}" / f"batch_{b // batch_size}.tar")
+            views_epoch.append(images)
+        views_all.append(views_epoch)
+    return views_all
+
+
+def teacher_channels(model) -> int:
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return first.in_channels
+
+
+class PickleBomb:
+    """An object whose unpickling would run a shell command (creating `marker`): what a malicious
+    .pt file holds. torch.save only records the call; nothing runs until someone unpickles it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ------------------------------------------------------ Hugging Face and WebDataset copies
+# Written with pyarrow and tarfile directly, in the exact layouts the Hub's copies have: a
+# `datasets` Image column is a struct {bytes: binary, path: string}; the features (Image,
+# ClassLabel with its names) are JSON in the schema's b"huggingface" metadata, as
+# datasets.Features.arrow_schema writes them; zh-plus/tiny-imagenet's files are
+# data/train-00000-of-00001-<hash>.parquet and data/valid-00000-of-00001-<hash>.parquet with
+# columns `image` and `label` (ClassLabel of the 200 sorted wnids); a save_to_disk folder holds
+# dataset_dict.json and per split Arrow stream files, dataset_info.json and state.json; timm's
+# WebDataset shards are <name>-<split>-NNNN.tar of <key>.jpg, <key>.cls (the class index as ASCII)
+# and <key>.json.
+HF_IMAGE_FEATURE = {"decode": True, "id": None, "_type": "Image"}
+
+
+def hf_table(images: Sequence[bytes], paths: Sequence[str], labels: Sequence[int], names: Sequence[str] | None,
+             image_column: str = "image", label_column: str = "label"):
+    """A pyarrow table in the `datasets` layout (features in the schema metadata when `names`)."""
+    import pyarrow as pa
+    label_feature = ({"names": list(names), "id": None, "_type": "ClassLabel"} if names is not None
+                     else {"dtype": "int64", "id": None, "_type": "Value"})
+    metadata = {b"huggingface": json.dumps({"info": {"features": {image_column: HF_IMAGE_FEATURE,
+                                                                   label_column: label_feature}}}).encode()}
+    schema = pa.schema([(image_column, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        (label_column, pa.int64())], metadata=metadata)
+    return pa.table({image_column: [{"bytes": b, "path": p} for b, p in zip(images, paths)],
+                     label_column: list(labels)}, schema=schema)
+
+
+def _tiny_folder_samples(folder_root: Path) -> dict[str, list[tuple[str, bytes, str]]]:
+    """The folder fixture's images as (file name, JPEG bytes, wnid), train in the loader's order
+    (sorted wnid, then file), valid in sorted file-name order (the loader's test order)."""
+    base = Path(folder_root) / "tiny-imagenet-200"
+    train = [(p.name, p.read_bytes(), wnid) for wnid in sorted(tiny_wnids())
+             for p in sorted((base / "train" / wnid / "images").iterdir())]
+    lines = [line.split("\t") for line in (base / "val" / "val_annotations.txt").read_text().splitlines()]
+    valid = [(name, (base / "val" / "images" / name).read_bytes(), wnid) for name, wnid, *_ in sorted(lines)]
+    return {"train": train, "valid": valid}
+
+
+def make_tiny_imagenet_parquet(root: Path, folder_root: Path, names: Sequence[str] | None = None,
+                               with_names: bool = True, row_group_size: int = 64) -> Path:
+    """zh-plus/tiny-imagenet's layout from the folder fixture's JPEGs (the same bytes): labels are
+    indices into `names` (default: the sorted wnids, as the Hub copy has them)."""
+    import pyarrow.parquet as pq
+    names = list(names) if names is not None else sorted(tiny_wnids())
+    for split, samples in _tiny_folder_samples(folder_root).items():
+        table = hf_table([s[1] for s in samples], [s[0] for s in samples], [names.index(s[2]) for s in samples],
+                         names if with_names else None)
+        path = Path(root) / "data" / f"{split}-00000-of-00001-{'1359597a978bc4fa' if split == 'train' else '70d52db3c749a935'}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=row_group_size)
+    return Path(root)
+
+
+def _add_member(tar, name: str, data: bytes) -> None:
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_tiny_imagenet_webdataset(root: Path, folder_root: Path, per_shard: int = 150) -> Path:
+    """timm-style WebDataset shards (tiny-imagenet-train-0000.tar ..., tiny-imagenet-val-0000.tar)
+    of the folder fixture's JPEGs; .cls holds the sorted-wnid index."""
+    import tarfile
+    order = sorted(tiny_wnids())
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for split, samples in _tiny_folder_samples(folder_root).items():
+        tag = "train" if split == "train" else "val"
+        for k, start in enumerate(range(0, len(samples), per_shard)):
+            with tarfile.open(Path(root) / f"tiny-imagenet-{tag}-{k:04d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+                for name, data, wnid in samples[start:start + per_shard]:
+                    key = name.rsplit(".", 1)[0]
+                    _add_member(tar, f"{key}.jpg", data)
+                    _add_member(tar, f"{key}.cls", str(order.index(wnid)).encode())
+                    _add_member(tar, f"{key}.json", json.dumps({"filename": name, "class_name": wnid}).encode())
+    return Path(root)
+
+
+def make_cifar10_save_to_disk(root: Path, per_class: int = 3, test_per_class: int = 1) -> Path:
+    """A `save_to_disk` DatasetDict of CIFAR-10 as the Hub's uoft-cs/cifar10 holds it (columns
+    `img` and `label`, ClassLabel names in the official order), the pixels of make_cifar10 (PNG)."""
+    import pyarrow as pa
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        labels = _interleaved_labels(10, count)
+        encoded = []
+        for image in _rgb_images(labels, 32):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+        table = hf_table(encoded, [f"{split}_{i}.png" for i in range(len(labels))], labels, CIFAR10_NAMES,
+                         image_column="img")
+        folder = Path(root) / split
+        folder.mkdir()
+        with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=7)
+        features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+        (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                                                       "_split": split}))
+    return Path(root)

@@ -11,6 +11,7 @@ in seconds; what is compared does not depend on the teacher's size)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,8 +82,9 @@ def _launch(tmp_path_factory):
                  "--epochs", "2", "--out", str(root / "runs")]},
         # The suite with two cell workers per rank, resuming the killed run; a snapshot of its
         # records; the same suite again (it must find every cell recorded and write nothing).
-        {"cli": ["run", "--suite", str(suite), "--out", str(root / "multi"), "--cache-dir", str(suite_cache), *cpu,
-                 "--workers", "2"]},
+        # (Not --quiet: its progress lines are checked.)
+        {"cli": ["run", "--suite", str(suite), "--out", str(root / "multi"), "--cache-dir", str(suite_cache),
+                 "--device", "cpu", "--workers", "2"]},
         {"copy": [str(root / "multi" / "records.jsonl"), str(root / "multi-after-first-run.jsonl")]},
         {"cli": ["run", "--suite", str(suite), "--out", str(root / "multi"), "--cache-dir", str(suite_cache), *cpu]},
         {"cli": ["run", "--suite", str(continual), "--out", str(root / "continual-multi"),
@@ -146,6 +148,12 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(ran):
     assert not list((ran.root / "multi" / "ranks").rglob("records.jsonl"))  # merged and removed
     # The re-run under torchrun found every cell recorded and wrote nothing.
     assert records.read_records(ran.root / "multi" / "records.jsonl") == stored
+    # Each rank shows its own progress; only rank 0 estimates the time left.
+    text = ran.launch.stderr
+    shown = "\n".join(re.findall(r"suite suite \(rank \d\): [^\[]*\[", text))
+    assert re.search(r"suite suite \(rank 0\): \d+/\d+ \S+, (about \S+|estimating the time) left \[", text), shown
+    assert re.search(r"suite suite \(rank 1\): \d+/\d+ \S+ \[", text), shown
+    assert not re.search(r"suite suite \(rank 1\): [^\[]* left \[", text), shown
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import os
 import re
 from pathlib import Path
@@ -90,11 +91,12 @@ def _as_targets(targets: Iterable[int] | np.ndarray, n: int) -> np.ndarray:
 class ImageSplit(torch.utils.data.Dataset):
     """Real images with integer labels, decoded lazily.
 
-    Backed either by a uint8 array (N, H, W, C) held in memory or by a list of
-    image files decoded with PIL on access. Items are uint8 tensors (C, H, W)
-    at the stored size (or at `resize_to` when set), passed through
-    `transform` if one is set. Build instances with `from_array` or
-    `from_files`.
+    Backed by a uint8 array (N, H, W, C) held in memory, by a list of image
+    files, or by encoded images inside container files (a parquet / Arrow /
+    tar copy: data/containers.py), the last two decoded with PIL on access.
+    Items are uint8 tensors (C, H, W) at the stored size (or at `resize_to`
+    when set), passed through `transform` if one is set. Build instances with
+    `from_array`, `from_files` or `from_encoded`.
     """
 
     def __init__(
@@ -104,12 +106,14 @@ class ImageSplit(torch.utils.data.Dataset):
         channels: int,
         images: np.ndarray | None = None,
         paths: list[Path] | None = None,
+        encoded=None,
         root: Path | None = None,
         resize_to: int | None = None,
         transform: Transform | None = None,
     ) -> None:
-        if (images is None) == (paths is None):
-            raise DataError("ImageSplit needs exactly one of images= or paths=; use from_array or from_files")
+        if sum(x is not None for x in (images, paths, encoded)) != 1:
+            raise DataError("ImageSplit needs exactly one of images=, paths= or encoded=; use from_array, from_files "
+                            "or from_encoded")
         self.targets = targets
         self.channels = channels
         self.transform = transform
@@ -119,6 +123,7 @@ class ImageSplit(torch.utils.data.Dataset):
         self.root = root
         self._images = images
         self._paths = paths
+        self._encoded = encoded
 
     # ----------------------------------------------------------- constructors
     @classmethod
@@ -171,11 +176,39 @@ class ImageSplit(torch.utils.data.Dataset):
             resize_to=resize_to,
         )
 
+    @classmethod
+    def from_encoded(
+        cls,
+        encoded,
+        targets: Iterable[int] | np.ndarray,
+        channels: int,
+        *,
+        root: Path | None = None,
+        resize_to: int | None = None,
+    ) -> "ImageSplit":
+        """Encoded images inside container files (data/containers.py: EncodedImages), decoded on
+        access like files; `root`: the data root their shards are identified relative to."""
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        return cls(targets=_as_targets(targets, len(encoded)), channels=channels, encoded=encoded,
+                   root=Path(root) if root is not None else None, resize_to=resize_to)
+
     # ------------------------------------------------------------- accessors
     @property
     def paths(self) -> list[Path] | None:
-        """The image files, or None for an in-memory split."""
+        """The image files, or None for an in-memory split or a copy's container files."""
         return self._paths
+
+    @property
+    def encoded(self):
+        """The container-backed images (EncodedImages), or None."""
+        return self._encoded
+
+    def stored_bytes(self) -> int | None:
+        """Bytes of the stored (encoded) images: files' sizes, a copy's shares of its shards; None in memory."""
+        if self._paths is not None:
+            return sum(p.stat().st_size for p in self._paths)
+        return self._encoded.stored_bytes() if self._encoded is not None else None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -191,13 +224,16 @@ class ImageSplit(torch.utils.data.Dataset):
             # A real copy: callers may modify the tensor in place without touching
             # the dataset (a permuted one-channel view would still share memory).
             image = torch.from_numpy(self._images[i].transpose(2, 0, 1).copy())
+        elif self._encoded is not None:
+            image = self._decode_file(io.BytesIO(self._encoded.read(i)), self._encoded.where(i))
         else:
             image = self._decode_file(self._paths[i])
         if self.resize_to is not None:
             image = _resize_tensor(image[None], self.resize_to)[0]
         return image
 
-    def _decode_file(self, path: Path) -> torch.Tensor:
+    def _decode_file(self, path, where: str | None = None) -> torch.Tensor:
+        """Decode an image file, or an encoded image's bytes (a file object; `where` names it)."""
         mode = "L" if self.channels == 1 else "RGB"
         try:
             with Image.open(path) as img:
@@ -205,8 +241,8 @@ class ImageSplit(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             # SyntaxError: some PIL plugins raise it on malformed headers.
             raise DataError(
-                f"cannot decode image file {path} ({type(exc).__name__}: {exc}); "
-                "remove or replace this file (re-extract it from the official archive)"
+                f"cannot decode image {where or f'file {path}'} ({type(exc).__name__}: {exc}); "
+                "remove or replace it (re-extract it from the official archive, or re-download the copy)"
             ) from exc
         if array.ndim == 2:
             array = array[..., None]
@@ -227,6 +263,8 @@ class ImageSplit(torch.utils.data.Dataset):
         changes = {"targets": self.targets[idx].copy()}
         if self._images is not None:
             changes["_images"] = self._images[idx]
+        elif self._encoded is not None:
+            changes["_encoded"] = self._encoded.subset(idx)
         else:
             changes["_paths"] = [self._paths[j] for j in idx]
         return self._replace(**changes)
@@ -267,6 +305,8 @@ class ImageSplit(torch.utils.data.Dataset):
         if self._images is not None:
             hasher.update(f"array{self._images.shape}".encode())
             hasher.update(np.ascontiguousarray(self._images).reshape(-1).data)
+        elif self._encoded is not None:
+            self._encoded.update_identity(hasher)
         else:
             root = self.root
             if root is None:
@@ -294,7 +334,13 @@ class ImageSplit(torch.utils.data.Dataset):
         split was loaded) and target, and each directory's modification time (one stat per
         directory: 1,000 on ImageNet rather than 1.28 M). Adding, removing, renaming or replacing
         a file (a new file moved into place) changes a directory's mtime; a file's bytes edited in
-        place do not (README, "Data at scale")."""
+        place do not (README, "Data at scale"). A copy's shards: their paths, sizes and
+        modification times (one stat each: 1,024 shards on ImageNet)."""
+        if self._encoded is not None:
+            self._encoded.update_identity(hasher, mtimes=True)
+            hasher.update(f"resize{self.resize_to}".encode())
+            hasher.update(self.targets.astype("<i8").tobytes())
+            return
         folders = sorted({p.parent for p in self._paths})
         hasher.update("\n".join(p.as_posix() for p in self._paths).encode())
         for folder in folders:

@@ -35,6 +35,11 @@ def split_fingerprint(split: ImageSplit, view: str) -> str:
     at the same size), or an in-memory split's bytes; the targets; and `view`, a description of
     the working-size transform."""
     hasher = hashlib.sha256(f"prepared-v{FORMAT_VERSION}\n{view}\n".encode())
+    if split.encoded is not None:   # a copy's container files: each shard's path, size and time
+        split.encoded.update_identity(hasher, mtimes=True)
+        hasher.update(f"resize{split.resize_to}".encode())
+        hasher.update(np.asarray(split.targets).astype("<i8").tobytes())
+        return hasher.hexdigest()
     if split.paths is None:
         split.update_hash(hasher)
         return hasher.hexdigest()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cdabench import artifacts
 
-from . import layouts
+from . import copies, layouts
 from .errors import DataError
 from .images import ImageSplit
 from .spec import DatasetSpec
@@ -128,6 +128,7 @@ for _spec in (
         fixed_size=True,
         needs_root=True,
         loader=layouts.load_cifar10,
+        copy_order="sorted",
     ),
     DatasetSpec(
         name="cifar100",
@@ -142,6 +143,7 @@ for _spec in (
         fixed_size=True,
         needs_root=True,
         loader=layouts.load_cifar100,
+        copy_order="sorted",
     ),
     DatasetSpec(
         name="mnist",
@@ -189,6 +191,7 @@ for _spec in (
         fixed_size=True,
         needs_root=True,
         loader=layouts.load_tiny_imagenet,
+        copy_order="sorted",
     ),
     DatasetSpec(
         name="imagenet-1k",
@@ -204,6 +207,7 @@ for _spec in (
         fixed_size=False,
         needs_root=True,
         loader=layouts.load_train_val_folders,
+        copy_order="imagenet-1k",
     ),
     DatasetSpec(
         name="imagenet-21k",
@@ -230,6 +234,7 @@ for _spec in (
         fixed_size=False,
         needs_root=True,
         loader=layouts.load_train_val_folders,
+        copy_order="sorted",
     ),
 ):
     register_dataset(_spec)
@@ -248,8 +253,11 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
-def create_dataset(name: str, root: str | Path | None = None, image_size: int | None = None) -> RealData:
-    """Load the official train and test splits of dataset `name` from `root` (never downloads)."""
+def create_dataset(name: str, root: str | Path | None = None, image_size: int | None = None,
+                   cache: str | Path | None = None) -> RealData:
+    """Load the official train and test splits of dataset `name` from `root` (never downloads): its
+    official layout, or a Hugging Face / WebDataset copy found there (data/copies.py; `cache`: where
+    a WebDataset copy's shard indexes are kept)."""
     spec = get_spec(name)
     if spec.needs_root:
         if root is None:
@@ -266,5 +274,10 @@ def create_dataset(name: str, root: str | Path | None = None, image_size: int | 
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise DataError(f"image_size must be a positive integer number of pixels, got {image_size!r}")
     path = Path(root).expanduser() if root is not None else None
-    train, test, classes = spec.loader(path, spec, int(size))
+    copy = copies.detect(path) if path is not None and spec.needs_root else None
+    if copy is not None:
+        index_cache = Path(cache) / "copy-index" if cache is not None else None
+        train, test, classes = copies.load_copy(path, copy, spec, int(size), index_cache)
+    else:
+        train, test, classes = spec.loader(path, spec, int(size))
     return RealData(spec=spec, image_size=int(size), classes=list(classes), train=train, test=test)

@@ -28,3 +28,7 @@ class DatasetSpec:
     needs_root: bool
     # (root, spec, image_size) -> (train, test, classes)
     loader: Callable[[Path | None, DatasetSpec, int], Loaded] = field(repr=False, compare=False)
+    # Hugging Face / WebDataset copies under --data-root (data/copies.py): the class order their
+    # labels must follow, "sorted" (class names in sorted order) or "imagenet-1k" (the standard
+    # 0-999 order); None: no copies of this dataset are read.
+    copy_order: str | None = None

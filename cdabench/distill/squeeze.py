@@ -3,6 +3,7 @@ hash of everything that determines it), or loaded from a user's checkpoint and c
 the dataset: class count, class map, and a class-order guard on held-out real images."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from cdabench.engine.context import Context
 from cdabench.engine.labels import HardLabels
 from cdabench.engine.runtime import prepare_model, seed_everything
 from cdabench.engine.train import ImageBank, evaluate_model, train_model
+
+
+class StageMissing(FileNotFoundError):
+    """A stage that this process may only read (a shard of a suite makes no shared stage) is not
+    on disk: its message names what is missing and where it was looked for."""
 
 
 @dataclass
@@ -38,12 +44,16 @@ def _new_teacher(ctx: Context) -> nn.Module:
     return ctx.new_model(ctx.task.teacher)
 
 
-def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
+def train_teacher(ctx: Context, seed: int = 0, train: bool = True) -> Teacher:
     """Train (or reuse) the task's teacher. Under torchrun every rank trains it data-parallel
-    (train_model with the context's group); rank 0 evaluates and saves it, the others then load it."""
+    (train_model with the context's group); rank 0 evaluates and saves it, the others then load it.
+    `train=False`: reuse only; StageMissing when the cache does not hold it."""
     key = teacher_key(ctx, seed)
     folder = ctx.cache / "teachers" / key
     weights, meta_path = folder / "teacher.pt", folder / "teacher.json"
+    if not train and not meta_path.exists():
+        raise StageMissing(f"the teacher of task {ctx.task.name} is not in the cache {ctx.cache} "
+                           f"(looked for {meta_path})")
     if ctx.group.broadcast(not meta_path.exists()):  # rank 0's view: every rank trains, or none
         recipe = ctx.task.teacher
         seed_everything(seed)
@@ -75,8 +85,18 @@ def train_teacher(ctx: Context, seed: int = 0) -> Teacher:
     return teacher
 
 
+# The one global the field's training scripts put into a checkpoint besides tensors and numbers:
+# torchvision's reference classification script (`references/classification/train.py`, which
+# trained the official Tiny-ImageNet teachers) and timm's `train.py` both save their command line
+# as `args`, an argparse.Namespace (a plain attribute bag; building one runs no code of the file).
+TEACHER_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def _unwrap_checkpoint(obj) -> tuple[dict, list[str] | None]:
-    """A bare state dict, or {'state_dict'|'model': ..., 'classes': [...]} (our own format)."""
+    """A bare state dict; {'state_dict'|'model': ..., 'classes': [...]} (our own format);
+    torchvision's reference-script checkpoint {'model', 'optimizer', 'lr_scheduler', 'epoch',
+    'args'}; or timm train.py's {'state_dict', 'arch', 'args', 'metric', 'optimizer', ...}.
+    The model's own weights are taken, never an EMA copy beside them."""
     classes = None
     if isinstance(obj, dict) and "classes" in obj:
         classes = list(obj["classes"])
@@ -94,10 +114,10 @@ def load_teacher(ctx: Context, path: str | Path) -> Teacher:
     if not path.is_file():
         raise DataError(f"teacher checkpoint {path} does not exist: pass the path of a .pt/.pth state dict")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"cannot read teacher checkpoint {path} as a weights-only torch file ({exc}); "
-                        "save it with torch.save(model.state_dict(), path)") from exc
+        obj = artifacts.load_weights_only(path, "teacher checkpoint", TEACHER_CHECKPOINT_GLOBALS)
+    except artifacts.UnsafeFileError as exc:
+        raise DataError(f"{exc} (argparse.Namespace, the `args` of torchvision's and timm's training scripts, "
+                        "is the one object allowed in a teacher checkpoint)") from exc
     state, classes = _unwrap_checkpoint(obj)
     model = _new_teacher(ctx)
     head = model.get_classifier()
@@ -120,10 +140,20 @@ def load_teacher(ctx: Context, path: str | Path) -> Teacher:
     except RuntimeError as exc:
         raise DataError(f"teacher checkpoint {path} does not fit {ctx.task.teacher.model} at "
                         f"{ctx.image_size}px: {str(exc).splitlines()[0]}") from exc
-    info = {"key": None, "source": str(path), "classes": classes or ctx.classes}
+    info = {"key": None, "source": str(path), "classes": classes or ctx.classes,
+            "checkpoint_format": _checkpoint_format(obj)}
     teacher = Teacher(prepare_model(model, ctx.device).eval(), artifacts.sha256_file(path), info)
     class_order_guard(ctx, teacher)
     return teacher
+
+
+def _checkpoint_format(obj) -> str:
+    """Which script's layout the checkpoint has (recorded with the teacher)."""
+    if isinstance(obj, dict) and isinstance(obj.get("args"), argparse.Namespace):
+        return "timm train.py" if "state_dict" in obj and "arch" in obj else "torchvision reference script"
+    if isinstance(obj, dict) and ("state_dict" in obj or "model" in obj):
+        return "wrapped state dict"
+    return "state dict"
 
 
 def probe_indices(targets: np.ndarray, per_class: int) -> np.ndarray:
@@ -170,5 +200,7 @@ def label_agreement_guard(ctx: Context, teacher: Teacher, bank: ImageBank, where
     return agreement
 
 
-def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0) -> Teacher:
-    return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed)
+def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0, train: bool = True) -> Teacher:
+    """A user's checkpoint, or the task's teacher from the cache, trained first if missing
+    (unless `train` is False: StageMissing)."""
+    return load_teacher(ctx, teacher_path) if teacher_path else train_teacher(ctx, seed, train)

@@ -19,6 +19,15 @@ from cdabench.schema import AugmentSpec
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
+def to_unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pixels in [0, 1] units on `device`, what augmentation works on: uint8 / 255, or float
+    pixel-space images as they are (a distilled set shipped as float tensors keeps its exact
+    values, those beyond [0, 1] included)."""
+    if x.dtype == torch.uint8:
+        return x.to(device, non_blocking=True).float().div_(255.0)
+    return x.to(device, non_blocking=True).float()
+
+
 def sample_crop_box(rng: np.random.Generator, height: int, width: int,
                     scale: tuple[float, float], ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, h, w), the same algorithm as torchvision's get_params:

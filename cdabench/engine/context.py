@@ -97,11 +97,12 @@ class Context:
         """The split as uint8 batches of the working size. Image files: from the prepared cache
         (decoded once, memory-mapped; cdabench/data/prepared.py) unless $CDABENCH_PREPARED=0,
         else streamed by $CDABENCH_LOADER_WORKERS persistent DataLoader workers when too large
-        for memory. In-memory datasets (digits, CIFAR, MNIST): held as one tensor."""
+        for memory; a copy's container files (data/copies.py) the same way. In-memory datasets
+        (digits, CIFAR, MNIST): held as one tensor."""
         if name not in self._sources:
             split = self.split(name).with_transform(eval_transform(self.data))
             pixels = len(split) * int(np.prod(self.shape))
-            if split.paths is not None and os.environ.get("CDABENCH_PREPARED", "1") != "0":
+            if split.file_backed and os.environ.get("CDABENCH_PREPARED", "1") != "0":
                 images, targets = self._prepared(name, split)
                 self._sources[name] = ImageBank(images, targets)
             elif pixels <= IN_MEMORY_LIMIT:
@@ -134,8 +135,8 @@ def open_context(task: Task, data_root: str | None, device: str = "auto", cache:
         task = dataclasses.replace(task, precision=precision)
     check_precision(task.precision, dev)
     group = init_process_group(dev)
-    data = create_dataset(task.dataset, data_root, task.image_size)
     cache_dir = Path(cache) if cache else default_cache_dir()
+    data = create_dataset(task.dataset, data_root, task.image_size, cache_dir)
     # Rank 0 alone computes the fingerprint, from the cache when one directory scan finds the same
     # files as a run before (else with a stat of every file, kept for the next run and workers).
     fingerprint = data.fingerprint(cache_dir / "fingerprints") if group.is_main else None

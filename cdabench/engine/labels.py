@@ -2,6 +2,8 @@
 
 - `HardLabels`: the class label (mixed by CutMix/Mixup weights when the batch is mixed).
 - `OnlineKD`: the frozen teacher labels every augmented batch (Tiny-ImageNet/CIFAR protocol).
+- `GivenLogits`: a distilled set's own per-image logits, shipped with it (DATM, DD-Ranking):
+  softmax at the method's temperature, mixed with the partner's when the batch is mixed.
 - `StoredLabels`: FKD-style soft labels generated once by `build_label_store` and replayed: per
   epoch the image order, each image's crop box and flip, its mixing partner, weight and box, and
   the teacher's fp16 logits (optionally only the top-k). Everything is keyed by image index, so
@@ -24,7 +26,7 @@ from torch import nn
 from cdabench import artifacts, progress
 from cdabench.data.resources import check_free_memory, check_free_space
 from cdabench.engine.augment import (AugmentSpec, AugParams, apply_mix, apply_view, augment_batch, pad_images,
-                              sample_aug_params)
+                              sample_aug_params, to_unit)
 from cdabench.engine.runtime import ProcessGroup, autocast
 
 
@@ -103,6 +105,29 @@ class OnlineKD(_AugmentedSource):
         return kd_loss(logits, target, self.temperature, self.t_squared)
 
 
+class GivenLogits(_AugmentedSource):
+    """The per-image logits a method ships with its images, used as given: the target of an
+    augmented view is softmax(logits / T) of its image (mixed by the batch's CutMix/Mixup weight
+    with its partner's, as hard labels are). DATM trains on softmax(logits) with a soft
+    cross-entropy, i.e. T = 1 without T^2: the same gradient as this KL."""
+
+    def __init__(self, spec: AugmentSpec, image_size: int, logits: torch.Tensor, temperature: float,
+                 t_squared: bool):
+        super().__init__(spec, image_size)
+        self.logits, self.temperature, self.t_squared = logits.float(), temperature, t_squared
+
+    def prepare(self, x, y, idx, epoch, rng, data):
+        views, params = self._augment(x, rng)
+        probs = masked_probs(self.logits[idx].to(x.device), self.temperature, None)
+        partner = params.partner.to(x.device)
+        lam = params.lam.to(x.device).view(-1, 1)
+        mixed = torch.where((partner >= 0).view(-1, 1), lam * probs + (1 - lam) * probs[partner.clamp(min=0)], probs)
+        return views, mixed
+
+    def loss(self, logits, target):
+        return kd_loss(logits, target, self.temperature, self.t_squared)
+
+
 @dataclass(frozen=True)
 class LabelStoreConfig:
     epochs: int
@@ -117,6 +142,20 @@ class LabelStoreConfig:
 
 def epoch_file(root: Path, epoch: int) -> Path:
     return root / f"epoch_{epoch:04d}.pt"
+
+
+def empty_epoch(n: int) -> dict:
+    """One epoch of a store before it is filled, per image: crop box (top, left, h, w), flip,
+    mixing partner (-1: none), own weight, pasted CutMix box. `order` and the logits come after."""
+    return {"boxes": torch.zeros((n, 4), dtype=torch.int16), "flips": torch.zeros(n, dtype=torch.bool),
+            "partner": torch.full((n,), -1, dtype=torch.int32), "lam": torch.ones(n, dtype=torch.float32),
+            "mix_boxes": torch.zeros((n, 4), dtype=torch.int16)}
+
+
+def write_epoch(root: Path, epoch: int, record: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(record, buf)
+    artifacts.atomic_write_bytes(epoch_file(root, epoch), buf.getvalue())
 
 
 @torch.no_grad()
@@ -145,15 +184,13 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
             # Each epoch has its own generator: resuming at epoch e needs nothing from epochs < e.
             rng = np.random.default_rng([config.seed, 0x5EED, epoch])
             order = rng.permutation(n)
-            boxes = torch.zeros((n, 4), dtype=torch.int16)
-            flips = torch.zeros(n, dtype=torch.bool)
-            partner = torch.full((n,), -1, dtype=torch.int32)
-            lam = torch.ones(n, dtype=torch.float32)
-            mix_boxes = torch.zeros((n, 4), dtype=torch.int16)
+            record = empty_epoch(n)
+            boxes, flips, partner, lam, mix_boxes = (record[k] for k in ("boxes", "flips", "partner", "lam",
+                                                                          "mix_boxes"))
             logits_all = None
             for s in range(0, n, config.batch_size):
                 idx = torch.from_numpy(order[s:s + config.batch_size])
-                x = images[idx].to(device).float().div_(255)
+                x = to_unit(images[idx], device)
                 params = sample_aug_params(rng, len(idx), x.shape[-2], x.shape[-1], spec)
                 views = augment_batch(x, params, spec, image_size)
                 with autocast(device, precision):
@@ -164,16 +201,13 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
                 mix_boxes[idx] = params.mix_boxes.short()
                 partner[idx] = torch.where(params.partner >= 0, idx[params.partner.clamp(min=0)], -1).int()
                 logits_all[idx] = logits.half()
-            record = {"order": torch.from_numpy(order).int(), "boxes": boxes, "flips": flips, "partner": partner,
-                      "lam": lam, "mix_boxes": mix_boxes}
+            record = {"order": torch.from_numpy(order).int(), **record}   # the key order of the files so far
             if config.topk:
                 values, indices = logits_all.float().topk(config.topk, dim=1)
                 record["topk_values"], record["topk_indices"] = values.half(), indices.int()
             else:
                 record["logits"] = logits_all
-            buf = io.BytesIO()
-            torch.save(record, buf)
-            artifacts.atomic_write_bytes(epoch_file(root, epoch), buf.getvalue())
+            write_epoch(root, epoch, record)
             bar.advance(1)
     group.barrier()
     if not group.is_main:
@@ -216,7 +250,7 @@ def check_label_store_size(root: Path, images: int, classes: int, config: LabelS
 
 @torch.no_grad()
 def _num_outputs(teacher: nn.Module, images: torch.Tensor, normalizer, device: torch.device) -> int:
-    return teacher(normalizer(images[:1].to(device).float().div_(255))).shape[1]
+    return teacher(normalizer(to_unit(images[:1], device))).shape[1]
 
 
 def load_epoch(root: Path, epoch: int) -> dict:
@@ -257,7 +291,7 @@ class StoredLabels:
         if self.spec.mix == "none":
             return views
         partner = params.partner.clamp(min=0)
-        partner_x = data.images[partner].to(x.device).float().div_(255)
+        partner_x = to_unit(data.images[partner], x.device)
         partner_views = apply_view(pad_images(partner_x, self.spec), rec["boxes"][partner].long(),
                                    rec["flips"][partner], self.size)
         return apply_mix(views, partner_views, params, self.spec)

@@ -228,3 +228,65 @@ def describe_adaptation(name: str, image_size: int, patch_size: int | None = Non
 def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled features before the classifier (timm's forward_head with pre_logits)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+# ---------------------------------------------------------------- ConvNet (issue 19: the field's small-scale student)
+# The ConvNet most dataset-condensation methods (DC/DSA/DM, MTT, DATM, RDED's small tasks, DD-Ranking)
+# are reported on, as their `networks.py` builds it (`ConvNet` with get_default_convnet_setting):
+# `depth` blocks of 3x3 conv (width 128, padding 1; padding 3 in the first block of a one-channel
+# input, their MNIST handling) -> instance norm (GroupNorm with one group per channel, affine) ->
+# ReLU -> 2x2 average pooling, then one linear layer on the flattened map. Depth 3 up to 32 px
+# (CIFAR), 4 at 64 px (Tiny-ImageNet, their ConvNetD4), one more per doubling (ConvNetD5 at 128 px,
+# D6 at 256). PyTorch's default initialisation, as theirs.
+CONVNET_WIDTH = 128
+
+
+def convnet_depth(image_size: int) -> int:
+    """3 up to 32 px, +1 per doubling above (64 px: 4)."""
+    depth = 3
+    while image_size > 32 * 2 ** (depth - 3):
+        depth += 1
+    return depth
+
+
+class ConvNet(nn.Module):
+    def __init__(self, num_classes: int, in_chans: int, image_size: int, depth: int, width: int = CONVNET_WIDTH):
+        super().__init__()
+        layers, channels = [], in_chans
+        for d in range(depth):
+            padding = 3 if in_chans == 1 and d == 0 else 1
+            layers += [nn.Conv2d(channels, width, 3, padding=padding), nn.GroupNorm(width, width, affine=True),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():   # the flattened size, from the layers themselves (the padding changes it)
+            self.num_features = self.features(torch.zeros(1, in_chans, image_size, image_size)).numel()
+        if self.num_features == 0:
+            raise ValueError(f"a depth-{depth} ConvNet pools a {image_size}px image to nothing: use a larger image")
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    # The timm-style calls the rest of cdabench uses on every model.
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.flatten(1)
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _describe_convnet(timm_name: str, image_size: int) -> str:
+    return (f"ConvNet-D{convnet_depth(image_size)} (DC/MTT networks.py: width {CONVNET_WIDTH}, instance norm, ReLU, "
+            "average pooling), PyTorch init")
+
+
+@register_model("convnet", "convnet", "the dataset-condensation ConvNet: depth 3 (<= 32 px) / 4 (64 px), width 128, "
+                "instance norm, ReLU, average pooling", _describe_convnet)
+def _convnet(timm_name, num_classes, in_chans, image_size):
+    return ConvNet(num_classes, in_chans, image_size, convnet_depth(image_size))

@@ -94,6 +94,11 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's global rank among torchrun's processes (0 when run plainly), before any group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 PRECISIONS = ("fp32", "bf16")
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cdabench import artifacts, progress
+from cdabench.engine.augment import to_unit
 from cdabench.engine.runtime import ProcessGroup, autocast
 from cdabench.schema import TrainRecipe
 
@@ -31,17 +32,14 @@ class Normalizer:
         return (x01 - self.mean) / self.std
 
 
-def to_unit(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x_uint8.to(device, non_blocking=True).float().div_(255.0)
-
-
 class ImageBank:
-    """Training images held in memory as one uint8 tensor (N, C, S, S): distilled sets and small
-    real sets. Gives batches in a given order, and images by index (for stored-label replay)."""
+    """Training images held in memory as one tensor (N, C, S, S): uint8, or float32 pixel-space
+    values in [0, 1] units (distilled sets shipped as tensors). Distilled sets and small real sets.
+    Gives batches in a given order, and images by index (for stored-label replay)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("ImageBank wants uint8 images of shape (N, C, H, W)")
+        if images.dtype not in (torch.uint8, torch.float32) or images.ndim != 4:
+            raise ValueError("ImageBank wants uint8 or float32 pixel-space images of shape (N, C, H, W)")
         self.images, self.labels = images, labels.long()
 
     def __len__(self) -> int:
@@ -242,7 +240,9 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                 precision: str = "fp32", group: ProcessGroup = ProcessGroup()) -> TrainResult:
     """Train `model` in place for recipe.epochs; `labels` is a label source (distill/labels.py)
     that decides the epoch order, the augmentation parameters and the loss.
-    `on_epoch(epoch, model)` may return a dict of metrics to keep in the history.
+    `on_epoch(entry, model)` is called after every epoch with a copy of its history entry (epoch,
+    mean loss, lr); it may log it, and may return more metrics to keep in the history (a held-out
+    top-1: the cell's curve, evaluate/posttrain.py).
     `precision`: "fp32", or "bf16" for the forward passes under autocast (the loss stays fp32).
     With `checkpoint`, the state (model, optimiser, generator, history) is saved atomically at
     most every `checkpoint_seconds`, and a killed run resumes from the last saved epoch.
@@ -297,7 +297,7 @@ def train_model(model: nn.Module, data, labels, recipe: TrainRecipe, normalizer:
                     "a 1x1 map, as timm's test_resnet has at 8 px); use --precision fp32, a model adapted to the "
                     "image size, or a smaller learning rate")
             if on_epoch is not None:
-                entry.update(on_epoch(epoch, model) or {})
+                entry.update(on_epoch(dict(entry), model) or {})
             result.history.append(entry)
             bar.advance(1, f"loss {entry['loss']:.4f}")
             result.seconds = time.perf_counter() - start

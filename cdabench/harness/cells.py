@@ -14,6 +14,7 @@ from cdabench.config import load_method, method_uses_seed, recover_config
 from cdabench.distill.squeeze import Teacher, get_teacher, teacher_key
 from cdabench.engine.context import Context
 from cdabench.engine.runtime import ProcessGroup
+from cdabench.engine.watch import Watch
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,17 @@ class Session:
     group), its teacher (made or loaded when a cell first needs it) and a memo of what several
     cells reuse (memories, scenarios). `make_teacher`: how the teacher is made (the harness's
     parent passes the collective one, trained data-parallel under torchrun; default: this
-    context's, from the cache)."""
+    context's, from the cache). `make_stages`: whether a plan may make the shared stages (the
+    teacher, the distilled sets); False in a shard of a suite, which only reads them back.
+    `watch`: how cells are watched (curve points, loggers); it changes no result."""
 
-    def __init__(self, ctx: Context, make_teacher: Callable[[], Teacher] | None = None):
+    def __init__(self, ctx: Context, make_teacher: Callable[[], Teacher] | None = None, make_stages: bool = True,
+                 watch: Watch | None = None):
         self.ctx = ctx
         self._make_teacher = make_teacher or (lambda: get_teacher(ctx))
+        self.make_stages = make_stages
         self._memo: dict = {}
+        self.watch = watch
 
     def teacher(self) -> Teacher:
         return self.memo("teacher", self._make_teacher)

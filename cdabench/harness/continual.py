@@ -167,7 +167,7 @@ def plan(ctx: Context, session: Session, suite: ContinualSuite, out: Path, comma
             dseed = distill_seed(cell.memory, cell.seed)
             folder = str(set_folder(ctx, out, cell.memory, ipc, dseed))
             session.memo(("distilled", folder), lambda: distill(ctx, cell.memory, ipc, dseed, folder, command=command,
-                                                                teacher=session.teacher()))
+                                                                teacher=session.teacher(), make=session.make_stages))
             mem = memory(session, folder, ipc)
         mem_size = ipc * ctx.num_classes if cell.memory == "own-buffer" else 0
         eval_config = _eval_config(ctx, suite, cell, mem_size)
@@ -205,7 +205,8 @@ def run_cell(session: Session, suite: ContinualSuite, cell: ContinualCell, folde
     sc = scenario(session, cell.steps, cell.seed, suite.class_order)
     mem = memory(session, folder, cell.ipc) if folder is not None else None
     teacher = session.teacher() if cell.protocol == "retrain" else None
-    return evaluate_continual(session.ctx, suite, cell, sc, mem, mem_size, teacher, eval_config, command)
+    return evaluate_continual(session.ctx, suite, cell, sc, mem, mem_size, teacher, eval_config, command,
+                              watch=session.watch)
 
 
 def summary(record: dict) -> str:

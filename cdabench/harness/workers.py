@@ -24,13 +24,15 @@ import torch
 from cdabench import progress
 from cdabench.engine.context import open_context
 from cdabench.engine.runtime import strip_launcher_env
+from cdabench.engine.watch import Watch
 from cdabench.harness.cells import Job, Session
 from cdabench.schema import Task
 
 _SESSION: list[Session] = []
 
 
-def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, threads: int) -> None:
+def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, threads: int,
+                 watch: Watch | None) -> None:
     """`devices`: a queue holding one device name per worker; each worker takes one."""
     strip_launcher_env()
     device = devices.get()
@@ -38,7 +40,7 @@ def _init_worker(task: Task, data_root: str | None, devices, cache: str | None, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     progress.set_quiet(True)  # the parent shows one bar and a line per finished cell
-    _SESSION.append(Session(open_context(task, data_root, device, cache)))
+    _SESSION.append(Session(open_context(task, data_root, device, cache), watch=watch))
 
 
 def _run_job(job: Job) -> dict:
@@ -46,18 +48,19 @@ def _run_job(job: Job) -> dict:
 
 
 def run_in_workers(jobs: list[Job], devices: list[str], threads: int, task: Task, data_root: str | None,
-                   cache: str | None) -> Iterator[tuple[Job, dict]]:
+                   cache: str | None, watch: Watch | None = None) -> Iterator[tuple[Job, dict]]:
     """Yield (job, record) as jobs finish, in len(devices) workers (one per entry, on that
     device), submitted in the order given. `task`: the parent's Task (the context's: command-line
-    overrides, precision included; a worker that reloaded the task file would lose them). Stops
-    submitting when the caller stops iterating (the pool is shut down)."""
+    overrides, precision included; a worker that reloaded the task file would lose them). `watch`:
+    the parent's (curve points, loggers). Stops submitting when the caller stops iterating (the
+    pool is shut down)."""
     workers = len(devices)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     device_queue = context.Queue()
     for device in devices:
         device_queue.put(device)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(task, data_root, device_queue, cache, threads))
+                               initargs=(task, data_root, device_queue, cache, threads, watch))
     queue, running, clean = list(jobs), {}, False
     try:
         while queue or running:

@@ -24,7 +24,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cdabench import packaged, stats
-from cdabench.records import is_continual
+from cdabench.records import is_continual, unique_cells
+from cdabench.results.report import augmentation
 
 FIELDS = ("task", "method", "ipc", "student", "labels", "target_top1", "tolerance")
 OPTIONAL_FIELDS = ("sides", "metric")
@@ -86,8 +87,9 @@ def read_targets(path: Path | Traversable | str | None = None) -> list[Target]:
 
 
 def _cross_arch(records: list[dict]) -> list[dict]:
-    """Continual records share the schema but not the meaning of top1: never mix them in."""
-    return [r for r in records if not is_continual(r)]
+    """Continual records share the schema but not the meaning of top1, and cells with the
+    student's augmentation off are another protocol: never mix them in."""
+    return [r for r in records if not is_continual(r) and augmentation(r) == "on"]
 
 
 def _cell_key(record: dict, metric: str) -> tuple:
@@ -96,8 +98,9 @@ def _cell_key(record: dict, metric: str) -> tuple:
 
 
 def compare(records: list[dict], targets: list[Target]) -> list[CellStatus]:
+    """Each target's status. A cell recorded twice (same cell_key) is one measurement: counted once."""
     measured = defaultdict(list)
-    for r in _cross_arch(records):
+    for r in _cross_arch(unique_cells(records)[0]):
         for metric in {t.metric for t in targets}:
             if r.get(metric) is not None:
                 measured[_cell_key(r, metric)].append(r[metric])

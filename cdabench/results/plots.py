@@ -1,6 +1,6 @@
 """PNG figures of a leaderboard (matplotlib, Agg): accuracy vs IPC with the random baseline as a
-band, the method x student heatmap of every IPC, and accuracy vs total bytes of images + stored labels.
-Every figure carries its provenance in a footer."""
+band, the method x student heatmap of every IPC, accuracy vs total bytes of images + stored labels,
+and the training curves of selected cells. Every figure carries its provenance in a footer."""
 from __future__ import annotations
 
 import io
@@ -45,7 +45,7 @@ def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) ->
     """Panel-mean accuracy per method and IPC; random real images as a band (mean ± std over seeds)."""
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["labels"] == "soft" and r["ipc"] is not None:
+        if r["labels"] == "soft" and r["ipc"] is not None and report.augmentation(r) == "on":
             by[r["method"]][r["ipc"]].append(r["top1"])
     fig, ax = plt.subplots(figsize=(6, 4))
     if "random" in by:
@@ -61,7 +61,7 @@ def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) ->
         ipcs = sorted(by[method])
         ax.errorbar(ipcs, [stats.mean(by[method][i]) for i in ipcs], yerr=[stats.std(by[method][i]) for i in ipcs],
                     marker="o", capsize=3, label=method)
-    full = [r["top1"] for r in rows if r["ipc"] is None and r["labels"] == "soft"]
+    full = [r["top1"] for r in rows if r["ipc"] is None and r["labels"] == "soft" and report.augmentation(r) == "on"]
     if full:
         ax.axhline(stats.mean(full), color="k", ls="--", lw=1, label="full data")
     ax.set_xticks(sorted({i for m in by.values() for i in m}))
@@ -96,7 +96,8 @@ def heatmap(task: str, summary: report.Summary, out: Path, provenance: dict) -> 
 def accuracy_vs_bytes(task: str, rows: list[dict], out: Path, provenance: dict) -> str:
     by = defaultdict(list)
     for r in rows:
-        by[(report.row_label(r["method"], r["labels"]), r["ipc"])].append((r["image_bytes"] + r["label_bytes"], r["top1"]))
+        label = report.row_label(r["method"], r["labels"], report.augmentation(r))
+        by[(label, r["ipc"])].append((r["image_bytes"] + r["label_bytes"], r["top1"]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, ipc), points in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         size = stats.mean([p[0] for p in points])
@@ -107,6 +108,30 @@ def accuracy_vs_bytes(task: str, rows: list[dict], out: Path, provenance: dict) 
     ax.set_xlabel("bytes of images + stored labels")
     return _finish_line_plot(fig, ax, f"{task}: accuracy vs storage", 7, provenance,
                              out, f"{task}-accuracy-vs-bytes.png")
+
+
+def curves(task: str, picked: list[tuple[dict, dict]], out: Path, provenance: dict) -> str:
+    """Per selected cell (record, curve): mean training loss, learning rate and held-out top-1 by epoch."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for record, curve in picked:
+        epochs = curve["epochs"]
+        label = record.get("cell") or curve.get("name")
+        x = [e["epoch"] for e in epochs]
+        line, = axes[0].plot(x, [e["loss"] for e in epochs], lw=1, label=label)
+        axes[1].plot(x, [e["lr"] for e in epochs], lw=1, color=line.get_color())
+        held = [(e["epoch"], e["heldout_top1"]) for e in epochs if e.get("heldout_top1") is not None]
+        axes[2].plot([p[0] for p in held], [p[1] for p in held], marker="o", lw=1, color=line.get_color())
+    for ax, title in zip(axes, ("mean training loss", "learning rate (last step of the epoch)", "held-out top-1 %")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{task}: training curves of {len(picked)} cell(s)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    footer(fig, provenance)
+    name = f"{task}-curves.png"
+    save_png(fig, out / name)
+    return name
 
 
 def draw_task(task: str, rows: list[dict], summaries: list[report.Summary], out: Path, provenance: dict) -> list[str]:

@@ -44,3 +44,34 @@ def test_unknown_suite_lists_suites(capsys):
     assert main(["run", "--suite", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown suite 'nope'" in err and "cross-arch" in err
+
+
+def test_the_cells_of_the_image_scores_are_opt_in_and_keep_the_old_keys():
+    """`full` among the hard-label methods adds the full-data hard cells (the hard-label recovery);
+    `no_augment_methods` adds each listed method's cells with the student's augmentation off (the
+    augmentation share). A cell with the augmentation on keeps its key."""
+    import dataclasses
+
+    from cdabench import artifacts
+    from cdabench.config import load_task
+    from cdabench.harness.crossarch import cell_key
+
+    base = load_suite("cross-arch")
+    suite = dataclasses.replace(base, hard_label_methods=tuple(base.hard_label_methods) + ("full",),
+                                no_augment_methods=("cda", "random"))
+    before, cells = expand(base), expand(suite)
+    extra = [c for c in cells if c not in before]
+    task = load_task(base.task)
+    per_set = len(base.students or task.panel) * len(base.seeds)
+    assert len(extra) == per_set + 2 * len(base.ipcs or task.ipcs) * per_set
+    assert [c for c in extra if c.method == "full"] == [c for c in extra if c.labels == "hard"]
+    assert all(not c.augment and c.labels == "soft" for c in extra if c.method != "full")
+    assert Cell("digits", "cda", 10, "resnet18", "soft", 0, augment=False).name == "cda/ipc10/resnet18/soft/noaug/seed0"
+    on = Cell("digits", "cda", 10, "resnet18", "soft", 0)
+    old = {"task": "digits", "method": "cda", "ipc": 10, "student": "resnet18", "labels": "soft", "seed": 0}
+    assert cell_key(on, "i", {"e": 1}, "t", {"s": 1}) == artifacts.hash_config(
+        {"cell": old, "images": "i", "split": {"s": 1}, "eval": {"e": 1}, "teacher": "t"})
+    assert cell_key(dataclasses.replace(on, augment=False), "i", {"e": 1}, "t", {"s": 1}) != \
+        cell_key(on, "i", {"e": 1}, "t", {"s": 1})
+    with pytest.raises(ConfigError, match="no_augment_methods = \\['cda'\\] needs random too"):
+        validate(dataclasses.replace(base, no_augment_methods=("cda",)))

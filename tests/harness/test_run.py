@@ -4,6 +4,7 @@ keeps the base task's teacher, so each test starts from a cache that holds the s
 (conftest.py: `private_cache`) and must train no other."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -67,17 +68,20 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch, private_cache)
     assert len(list((private_cache / "teachers").iterdir())) == 1
 
 
-def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch, private_cache):
+def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch, private_cache, capsys):
     """`--workers 2` evaluates cells in two spawned processes; each cell's record is the one the
     single-process run writes (same keys, same accuracies), and the parent alone writes
-    records.jsonl (every cell exactly once; the workers write nothing). Bit-equal accuracies
-    need one thread in every process: this process pins it, and the workers get this process's
-    threads / workers = 1 (harness/run.py), as their records' device says."""
+    records.jsonl and the curve files beside it (every cell exactly once; the workers write
+    nothing). The progress line estimates the time left. Bit-equal accuracies need one thread in
+    every process: this process pins it, and the workers get this process's threads / workers = 1
+    (harness/run.py), as their records' device says."""
     monkeypatch.setenv("CDABENCH_CACHE", str(private_cache))
     task = write_task(tmp_path)
     with one_thread():
         one = run_suite(suite_for(task), tmp_path / "one", device="cpu", workers=1)
+        capsys.readouterr()
         two = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
+    assert re.search(r"suite tiny-suite: 3/3 \S+, about \d+s left \[", capsys.readouterr().err)
     assert all(r["device"].endswith(" x1 threads") for r in one + two), {r["device"] for r in one + two}
     assert [r["cell"] for r in one] == [r["cell"] for r in two]        # grid order, whoever finished first
     assert [(r["cell_key"], r["top1"], r["heldout_top1"]) for r in one] == \
@@ -85,7 +89,9 @@ def test_worker_processes_give_the_same_records(tmp_path: Path, monkeypatch, pri
     stored = records.read_records(tmp_path / "two" / "records.jsonl")
     assert sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in two)
     assert all(records.record_id(r) == r["record_hash"] for r in stored)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["distilled", "records.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["curves", "distilled", "records.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two" / "curves").iterdir()) == sorted(f"{r['cell_key']}.json" for r in two)
+    assert all(records.read_curve(tmp_path / "two", r)["epochs"][-1]["loss"] == r["final_loss"] for r in stored)
     # A re-run with workers finds everything recorded and starts no process.
     again = run_suite(suite_for(task), tmp_path / "two", device="cpu", workers=2)
     assert [r["record_hash"] for r in again] == [r["record_hash"] for r in two]

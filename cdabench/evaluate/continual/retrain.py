@@ -54,9 +54,12 @@ def kd_source(recipe: TrainRecipe, kd: KDConfig, image_size: int, teacher: nn.Mo
 def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, make_model: Callable[[], nn.Module],
                 recipe: TrainRecipe, kd: KDConfig, normalizer: Normalizer, device: torch.device, seed: int,
                 image_size: int, masked: bool = True, description: str = "retrain",
-                precision: str = "fp32") -> ProtocolOutcome:
+                precision: str = "fp32", on_epoch: Callable | None = None,
+                on_step: Callable | None = None) -> ProtocolOutcome:
     """Every step: a fresh `make_model()` (seeded with `seed`), trained for `recipe.epochs` on the
-    memory of the seen classes, then scored on every experience's test images."""
+    memory of the seen classes, then scored on every experience's test images.
+    `on_epoch(step, entry)`: every epoch's history entry (train_model); `on_step(step, top1_row)`:
+    each step's accuracies (a logger run, evaluate/continual/cell.py)."""
     outcome = ProtocolOutcome()
     for step in range(scenario.num_steps):
         seen = scenario.seen_classes(step)
@@ -68,13 +71,17 @@ def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, 
             model = make_model().to(device)
         labels = kd_source(recipe, kd, image_size, teacher, normalizer, scenario.num_classes, seen, masked, precision)
         # (train_model drops a last mini-batch of one image, which would break BatchNorm at 1x1.)
+        hook = None if on_epoch is None else (lambda entry, _model, step=step: on_epoch(step, entry))
         result = train_model(model, bank, labels, recipe, normalizer, device, seed, image_size,
-                             description=f"{description} step {step + 1}/{scenario.num_steps}", precision=precision)
+                             description=f"{description} step {step + 1}/{scenario.num_steps}", on_epoch=hook,
+                             precision=precision)
         start = time.perf_counter()
         top1, top5 = evaluate_experiences(model, scenario, normalizer, device, precision)
         outcome.eval_seconds += time.perf_counter() - start
         outcome.top1.append(top1)
         outcome.top5.append(top5)
+        if on_step is not None:
+            on_step(step, top1)
         outcome.seconds += result.seconds
         outcome.teacher_forwards += result.teacher_forwards
         outcome.steps.append({"step": step, "images": len(bank), "classes": len(seen),

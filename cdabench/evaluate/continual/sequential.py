@@ -7,6 +7,7 @@ The strategies, one registry entry each, are in cdabench/evaluate/continual/stra
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from cdabench import progress
 from cdabench.config import ConfigError
 from cdabench.engine.train import ImageBank, Normalizer
+from cdabench.engine.watch import check_loggers, require, wandb_init_kwargs
 from cdabench.evaluate.continual import avalanche_env
 from cdabench.evaluate.continual.retrain import ProtocolOutcome
 from cdabench.evaluate.continual.scenario import Scenario, evaluate_experiences
@@ -57,10 +59,13 @@ def isolated_rng(seed: int, device: torch.device):
 def run_sequential(scenario: Scenario, strategy: str, make_model: Callable[[], nn.Module],
                    settings: SequentialSettings, normalizer: Normalizer, device: torch.device, seed: int,
                    cache: str | Path, memory: ImageBank | None = None, mem_size: int = 0,
-                   description: str = "sequential") -> ProtocolOutcome:
+                   description: str = "sequential", loggers: list | None = None,
+                   on_step: Callable | None = None) -> ProtocolOutcome:
     """Train one model through the stream with `strategy`; after each experience, score it on the
     test images of every experience. `memory`: the replay memory (all classes, `ipc` each);
-    `mem_size`: the buffer size of gdumb/der/er_ace."""
+    `mem_size`: the buffer size of gdumb/der/er_ace. `loggers`: Avalanche loggers (their run logs
+    the strategy's epoch loss and accuracy, avalanche_loggers); `on_step(step, top1_row,
+    iteration)`: each experience's accuracies and the strategy's training-iteration clock."""
     check_strategy(strategy)
     sizes = [int(n) for n in scenario.composition()["train_images"]]
     if min(sizes) < settings.batch_size:
@@ -72,7 +77,8 @@ def run_sequential(scenario: Scenario, strategy: str, make_model: Callable[[], n
     with isolated_rng(seed, device):
         model = make_model()
         with avalanche_env.quiet():
-            agent = create_strategy(av, strategy, model, settings, device, mem_size, memory, scenario.mean, scenario.std)
+            agent = create_strategy(av, strategy, model, settings, device, mem_size, memory, scenario.mean, scenario.std,
+                                    loggers)
         with progress.track(description, scenario.num_steps) as bar:
             for i, experience in enumerate(benchmark.train_stream):
                 start = time.perf_counter()
@@ -85,7 +91,38 @@ def run_sequential(scenario: Scenario, strategy: str, make_model: Callable[[], n
                 outcome.eval_seconds += time.perf_counter() - start
                 outcome.top1.append(top1)
                 outcome.top5.append(top5)
+                if on_step is not None:
+                    on_step(i, top1, agent.clock.train_iterations)
                 outcome.steps.append({"step": i, "images": len(experience.dataset),
                                       "classes": len(scenario.seen_classes(i))})
                 bar.advance(1, f"step {i + 1}: top-1 {top1[i]:.1f}% on its own classes")
     return outcome
+
+
+def avalanche_loggers(watch, name: str, config: dict) -> list:
+    """Avalanche's own loggers for one sequential cell, one run each, as `watch.loggers` asks:
+    its TensorboardLogger (event files in <run folder>/tensorboard/<name>/) and its WandBLogger
+    (W&B offline, engine/watch.py). `close_avalanche_loggers` ends the runs."""
+    if watch is None or not watch.loggers:
+        return []
+    check_loggers(watch.loggers)
+    with avalanche_env.quiet():
+        from avalanche.logging import TensorboardLogger, WandBLogger
+    loggers = []
+    if "tensorboard" in watch.loggers:
+        tensorboard = TensorboardLogger(tb_log_dir=Path(watch.log_dir) / "tensorboard" / name)
+        tensorboard.writer.add_text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```")
+        loggers.append(tensorboard)
+    if "wandb" in watch.loggers:
+        kwargs = wandb_init_kwargs(require("wandb"), watch.log_dir, name, config)
+        loggers.append(WandBLogger(project_name=kwargs.pop("project"), run_name=kwargs.pop("name"), save_code=False,
+                                   config=kwargs.pop("config"), dir=kwargs.pop("dir"), params=kwargs))
+    return loggers
+
+
+def close_avalanche_loggers(loggers: list) -> None:
+    for logger in loggers:
+        if hasattr(logger, "writer"):
+            logger.writer.close()
+        else:
+            logger.wandb.finish()

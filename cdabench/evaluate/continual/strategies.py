@@ -106,9 +106,10 @@ def make_optimizer(model: nn.Module, settings: SequentialSettings) -> torch.opti
 
 
 def create_strategy(av, name: str, model: nn.Module, settings: SequentialSettings, device: torch.device,
-                    mem_size: int = 0, memory: ImageBank | None = None, mean=None, std=None):
-    """Avalanche strategy `name` training `model`, evaluated by us only (no loggers, no periodic
-    evaluation). `memory`: a memory source's images (replay); `mem_size`: an own buffer's size."""
+                    mem_size: int = 0, memory: ImageBank | None = None, mean=None, std=None, loggers=None):
+    """Avalanche strategy `name` training `model`, evaluated by us only (no periodic evaluation).
+    `memory`: a memory source's images (replay); `mem_size`: an own buffer's size. `loggers`:
+    Avalanche loggers, fed its epoch loss and accuracy metrics; none: no metric is computed."""
     entry = strategy_entry(name)
     if entry.memory == "source" and memory is None:
         raise ConfigError(f"strategy {name} needs a memory source (random, herding, cda, sre2l)")
@@ -116,8 +117,15 @@ def create_strategy(av, name: str, model: nn.Module, settings: SequentialSetting
         raise ConfigError(f"strategy {name} needs mem_size >= 1")
     common = dict(model=model, optimizer=make_optimizer(model, settings), criterion=nn.CrossEntropyLoss(),
                   train_mb_size=settings.batch_size, train_epochs=settings.epochs, eval_mb_size=256,
-                  device=device, evaluator=av.EvaluationPlugin(loggers=[]), eval_every=-1)
+                  device=device, evaluator=_evaluator(av, loggers), eval_every=-1)
     return entry.build(av, common, settings, StrategyMemory(memory, mem_size, mean, std))
+
+
+def _evaluator(av, loggers):
+    if not loggers:
+        return av.EvaluationPlugin(loggers=[])
+    from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+    return av.EvaluationPlugin(loss_metrics(epoch=True), accuracy_metrics(epoch=True), loggers=list(loggers))
 
 
 def _batch_size_mem(settings: SequentialSettings, memory: StrategyMemory) -> int:
