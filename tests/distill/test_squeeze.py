@@ -97,7 +97,8 @@ def test_a_teacher_checkpoint_carrying_code_is_refused_and_never_run(capsys, cli
         argv = ["evaluate", *cli_common, "--data", str(distilled("random")), "--labels", "soft", "--epochs", "1",
                 "--out", str(tmp_path / "out")]
     code, text = run_cli(capsys, [*argv, "--teacher", str(path)])
-    assert code == 2 and "as a weights-only torch file" in text, text
+    refused = f"{os.mkdir.__module__}.{os.mkdir.__name__}"                     # posix.mkdir: what it would call
+    assert code == 2 and "weights-only" in text and refused in text, text
     assert not ran.exists(), "loading the teacher ran the code in its pickle"
     assert not (tmp_path / "out" / "records.jsonl").exists()
     torch.load(path, weights_only=False)          # the payload is live: a plain unpickling runs it
