@@ -9,12 +9,14 @@ datasets) are in fixtures.py.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from cdabench import progress
+from cdabench.engine import runtime
 
 from tests.fixtures import tiny_task_file
 
@@ -104,6 +106,66 @@ def private_cache(tmp_path, session_cache, tiny_teacher) -> Path:
     return cache
 
 
+# bf16 on a CPU. "native": where the CPU has native bf16 (runtime.bf16_supported: oneDNN's
+# AVX-512 BF16 / AMX kernels), the run every user gets; elsewhere skipped, and the skip reason and a
+# warning say what was not checked. "emulated": where the CPU has no native bf16 (most CI runners),
+# the one function that decides the capability says yes, so the same bf16 code runs on torch's
+# emulated bf16 kernels (exact bf16 rounding, 20-40x slower than fp32: small networks only);
+# skipped where the native run ran. Either way the bf16 code runs on every machine.
+@pytest.fixture
+def native_bf16(request) -> None:
+    if not runtime.bf16_supported(torch.device("cpu")):
+        what = f"{request.node.name} on native bf16 kernels (oneDNN AVX-512 BF16 / AMX)"
+        warnings.warn(f"not checked on this CPU, which has no native bf16: {what}; its emulated-bf16 variant ran",
+                      UserWarning)
+        pytest.skip(f"this CPU has no native bf16: {what} not checked (its emulated variant ran)")
+
+
+@pytest.fixture
+def emulated_bf16(monkeypatch) -> None:
+    if runtime.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has native bf16: the native variant ran these checks")
+    decide = runtime.bf16_supported
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: device.type == "cpu" or decide(device))
+
+
+@pytest.fixture(params=["native", "emulated"])
+def bf16_cpu(request) -> str:
+    """Both variants of a bf16 test that is cheap enough to run on emulated bf16 as it is."""
+    request.getfixturevalue(f"{request.param}_bf16")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def _inductor_error() -> str | None:
+    """Why torch.compile (inductor and the C++ compiler behind it) cannot compile recover's hooked
+    teacher forward and backward on this machine (RecoverForward's own warning), or None when it can."""
+    from cdabench.distill.recover import RecoverConfig, RecoverForward, freeze
+    from cdabench.schema import CropSchedule
+    from tests.fixtures import make_tiny_bn_net
+    config = RecoverConfig(iterations=1, lr=0.25, r_bn=0.01, batch_size=4, crop=CropSchedule("none"), compile=True)
+    with warnings.catch_warnings(record=True) as caught, \
+            RecoverForward(freeze(make_tiny_bn_net()), config, torch.device("cpu")) as forward:
+        warnings.simplefilter("always")
+        forward(torch.rand(4, 1, 8, 8, requires_grad=True), 1)
+    torch._dynamo.reset()
+    if forward.compiled:
+        return None
+    return " ".join(str(w.message) for w in caught)[:300] or "it fell back to eager"
+
+
+@pytest.fixture
+def inductor(request, _inductor_error) -> None:
+    """A test of the compiled path (`compile = true`) runs where torch.compile works here; elsewhere
+    it is skipped, and the skip reason and a warning say what was not checked (the product then
+    runs eager, which tests/distill/test_recover_engine.py checks: compile failure falls back)."""
+    if _inductor_error is not None:
+        what = f"{request.node.name} (the compiled path)"
+        warnings.warn(f"not checked here, torch.compile fails on this machine ({_inductor_error}): {what}",
+                      UserWarning)
+        pytest.skip(f"torch.compile fails on this machine ({_inductor_error}): {what} not checked")
+
+
 @pytest.fixture(scope="session")
 def digits_set(tiny_ctx):
     """The content every external-format fixture ships (tests/fixtures.py builders): two real fit
@@ -112,4 +174,3 @@ def digits_set(tiny_ctx):
     bank = tiny_ctx.source("fit")
     idx = torch.cat([torch.nonzero(bank.labels == c)[:2, 0] for c in range(10)])
     return bank.images[idx].float() / 255, class_major_labels(10, 2)
-

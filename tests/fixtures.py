@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import struct
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -166,6 +167,32 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
+@contextmanager
+def one_thread():
+    """One intra-op thread in this process for the block (the thread count before it restored
+    after). A test that compares numbers across processes bit for bit pins this itself: a CPU
+    convolution's or matmul's reduction order follows the number of threads, so equal results need
+    equal thread counts in every process, not only the one conftest.py sets for the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def wait_for(condition, timeout: float, every: float = 0.1) -> bool:
+    """Poll `condition()` until it is true or `timeout` seconds have passed; whether it became true.
+    Tests wait on conditions, not on the clock: a deadline is generous (a loaded machine is slow)
+    and a healthy run meets the condition long before it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
 def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
     """Run the CLI in this process; return its exit code and everything it printed,
     whitespace-normalised (rich wraps long messages at the console width)."""
@@ -214,6 +241,38 @@ def grid_records(shift: dict | None = None) -> list[dict]:
                 rows.append(make_record(method, 10, student, seed, acc - k + seed + (shift or {}).get(method, 0.0)))
     rows += [make_record("full", None, s, seed, 98.0) for s in STUDENTS for seed in (0, 1, 2)]
     return rows
+
+
+def shuffled_runs(folder: Path, rows: list[dict], seed: int) -> list[Path]:
+    """`rows` in a shuffled order, each record's keys shuffled too, split over two run folders,
+    returned in reverse order: what a leaderboard must not depend on."""
+    rng = random.Random(seed)
+    rows = list(rows)
+    rng.shuffle(rows)
+    folders = []
+    for part, chunk in enumerate((rows[: len(rows) // 2], rows[len(rows) // 2:])):
+        lines = []
+        for r in chunk:
+            keys = list(r)
+            rng.shuffle(keys)
+            lines.append(json.dumps({k: r[k] for k in keys}) + "\n")
+        path = folder / f"part{part}"
+        path.mkdir(parents=True)
+        (path / "records.jsonl").write_text("".join(lines))
+        folders.append(path)
+    return folders[::-1]
+
+
+def leaderboard_in_subprocess(out: Path, runs: list[Path], mpl_config: Path) -> dict[str, bytes]:
+    """`cdabench leaderboard`'s generate() in a fresh process; {file name: bytes} of what it wrote."""
+    import subprocess
+    import sys
+    code = ("import sys; from pathlib import Path; from cdabench.results.leaderboard import generate; "
+            "generate([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(out), *map(str, runs)], cwd=REPO,
+                          env=child_env(MPLCONFIGDIR=str(mpl_config)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
 
 
 

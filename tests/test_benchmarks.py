@@ -89,7 +89,7 @@ def test_recover_throughput(benchmark, shards, precision):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_recover_throughput_compiled(benchmark, precision):
+def test_recover_throughput_compiled(benchmark, precision, inductor):
     """The engine with `compile = true`, K = 1, compiled once before the timed round (a long run
     pays that minute once). Only measured: compiling ResNet-18 takes about a minute here, and
     the compiled engine's results are tested in tests/distill/test_recover_engine.py."""

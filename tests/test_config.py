@@ -125,7 +125,13 @@ def test_digits_task_shrinks_and_resolves_methods():
         task, teacher=dataclasses.replace(task.teacher, epochs=3),
         recover={k: dataclasses.replace(v, iterations=5) for k, v in task.recover.items()},
         posttrain=dataclasses.replace(task.posttrain, recipe=dataclasses.replace(task.posttrain.recipe, epochs=2)))
-    assert small.teacher.epochs == 3 and small.posttrain.recipe_for("resnet18").epochs == 2
+    # A student's own setting beats the shared recipe's; a student without one takes the shared
+    # (shrunk) recipe's. The packaged task names its per-student epochs (docs/digits.md).
+    overridden = {s: o.epochs for s, o in task.posttrain.students.items() if o.epochs is not None}
+    assert overridden, "the digits task no longer gives any student its own epochs: pick another override"
+    for student in (*overridden, "test_resnet"):     # test_resnet: a timm model no table names
+        assert small.posttrain.recipe_for(student).epochs == overridden.get(student, 2), student
+        assert small.posttrain.recipe_for(student).model == student
     cda, sre2l = recover_config(small, load_method("cda")), recover_config(small, load_method("sre2l"))
     assert cda.iterations == sre2l.iterations == 5
     assert (cda.crop.kind, cda.crop.milestone) == ("cosine", 1.0)     # the papers' CDA runs

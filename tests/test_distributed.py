@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from cdabench.engine.context import open_context
 from cdabench.harness.run import run_suite
 from cdabench.harness.suites import load_suite
 from tests import torchrun_scenarios
-from tests.fixtures import TINY_CONTINUAL_SUITE, child_env, suite_file, tiny_task_file
+from tests.fixtures import TINY_CONTINUAL_SUITE, child_env, one_thread, suite_file, tiny_task_file
 
 # CDA at IPC 4 in batches of 20: 10 classes x 4 images = two shards, one per rank.
 TASK = {"teacher.model": "test_resnet", "ipcs": [4], "recover.cda": {"iterations": 3, "batch_size": 20, "jitter": 1}}
@@ -41,7 +42,16 @@ SCRIPTS = ("hard", "online", "relabel-0", "relabel-3")
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One torchrun launch of every scenario, and the one-process references; the paths and results."""
+    """One torchrun launch of every scenario, and the one-process references; the paths and results.
+    One thread in every process, pinned here (this process by one_thread(), each rank by
+    OMP_NUM_THREADS=1 and torchrun_scenarios' set_num_threads(1), each cell worker by the harness's
+    threads / workers): the tests compare images, label stores and accuracies across processes bit
+    for bit, and a CPU kernel's reduction order follows its thread count."""
+    with one_thread():
+        yield _launch(tmp_path_factory)
+
+
+def _launch(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
     cpu = ["--device", "cpu", "--quiet"]
     # The teacher scenario starts from an empty cache; the suites share another, where the
@@ -53,10 +63,15 @@ def launched(tmp_path_factory):
                            CONTINUAL, base=TINY_CONTINUAL_SUITE)
     r = SimpleNamespace(root=root, fresh_cache=fresh_cache)
 
-    # Before the launch: the one-process suite, and one of its records planted as a killed 2-rank
-    # run would leave it (rank 1 had finished the cell, rank 0 never merged it).
+    # Before the launch: the one-process suite, and three of its records planted as earlier runs
+    # with other rank counts would leave them: a killed one-process run had recorded cell 0; a
+    # killed 3-rank run's ranks 1 and 2 had finished cells 2 and 4, and rank 0 never merged them.
+    # The 2-rank launch resumes that folder (README: "with any number of ranks").
     r.one = run_suite(load_suite(str(suite)), root / "one", device="cpu", cache=str(suite_cache), workers=1)
-    r.planted = records.append_record(root / "multi/ranks/rank1/records.jsonl", r.one[2])
+    r.planted = [records.append_record(root / "multi/records.jsonl", r.one[0]),
+                 records.append_record(root / "multi/ranks/rank1/records.jsonl", r.one[2]),
+                 records.append_record(root / "multi/ranks/rank2/records.jsonl", r.one[4])]
+    r.suite, r.suite_cache = suite, suite_cache
 
     plan = [{"script": kind, "out": str(root / f"two-{kind}")} for kind in SCRIPTS]
     plan += [
@@ -76,10 +91,12 @@ def launched(tmp_path_factory):
                  "--cache-dir", str(suite_cache), *cpu]},
     ]
     (root / "plan.json").write_text(json.dumps(plan, indent=1))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    r.launch = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+    # `python -m torch.distributed.run` is the `torchrun` command (its console script), found in any
+    # environment that imports torch, also one whose packages come from another (no script there).
+    r.launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                str(Path(torchrun_scenarios.__file__)), str(root / "plan.json")],
-                              env=child_env(CDABENCH_CACHE=str(root / "default-cache")), capture_output=True, text=True,
+                              env=child_env(CDABENCH_CACHE=str(root / "default-cache"), OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True,
                               timeout=600)
 
     # After the launch: the one-process references of the other scenarios.
@@ -114,16 +131,18 @@ def test_torchrun_splits_shards_and_matches_single_process(ran):
 @pytest.mark.slow
 def test_suite_under_torchrun_records_every_cell_once_like_one_process(ran):
     """`cdabench run` under `torchrun --nproc-per-node 2` (gloo), each rank with 2 spawned cell
-    workers: the workers do not join (and hang) the ranks' process group; resuming a killed
-    2-rank run (a rank's records not merged yet) skips its finished cell; every cell is recorded
-    exactly once, with the single-process run's cell keys and accuracies (one thread everywhere)."""
-    one, planted = ran.one, ran.planted
+    workers: the workers do not join (and hang) the ranks' process group; resuming a folder that
+    killed runs of 1 and 3 ranks left (records in records.jsonl and in ranks 1 and 2's files, not
+    merged yet) skips their finished cells; every cell is recorded exactly once, with the
+    single-process run's cell keys and accuracies (one thread everywhere)."""
+    one = ran.one
     assert len(one) == 6
     stored = records.read_records(ran.root / "multi-after-first-run.jsonl")
     assert sorted(r["cell_key"] for r in stored) == sorted(r["cell_key"] for r in one)  # every cell, once
-    assert [r["cell_key"] for r in stored if r["cell_key"] == planted["cell_key"]] == [planted["cell_key"]]
-    assert next(r for r in stored if r["cell_key"] == planted["cell_key"])["record_hash"] == planted["record_hash"]
+    for planted in ran.planted:   # kept as the earlier runs recorded them, not run again
+        assert [r["record_hash"] for r in stored if r["cell_key"] == planted["cell_key"]] == [planted["record_hash"]]
     by_key = {r["cell_key"]: r for r in stored}
+    assert {r["device"].split(" x")[-1] for r in one + stored} == {"1 threads"}   # pinned everywhere
     fields = ("cell", "top1", "heldout_top1", "final_loss", "hashes")
     assert [[r[f] for f in fields] for r in one] == [[by_key[r["cell_key"]][f] for f in fields] for r in one]
     assert not list((ran.root / "multi" / "ranks").rglob("records.jsonl"))  # merged and removed
@@ -135,6 +154,30 @@ def test_suite_under_torchrun_records_every_cell_once_like_one_process(ran):
     assert re.search(r"suite suite \(rank 0\): \d+/\d+ \S+, (about \S+|estimating the time) left \[", text), shown
     assert re.search(r"suite suite \(rank 1\): \d+/\d+ \S+ \[", text), shown
     assert not re.search(r"suite suite \(rank 1\): [^\[]* left \[", text), shown
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_suite_resumes_in_one_process(ran, tmp_path):
+    """The reverse change of rank count: what a killed 2-rank suite leaves (each rank's records,
+    none merged, no records.jsonl) resumed by one plain process: it merges both ranks' records,
+    runs only the cell neither had finished, and records every cell once."""
+    stored = records.read_records(ran.root / "multi-after-first-run.jsonl")
+    out = tmp_path / "resumed"
+    shutil.copytree(ran.root / "one" / "distilled", out / "distilled")   # the sets: not what is tested here
+    left = stored[:3], stored[3:5]                                        # stored[5]: the unfinished cell
+    for rank, part in enumerate(left):
+        for record in part:
+            records.append_record(out / "ranks" / f"rank{rank}" / "records.jsonl", record)
+    with one_thread():
+        resumed = run_suite(load_suite(str(ran.suite)), out, device="cpu", cache=str(ran.suite_cache), workers=1)
+    final = records.read_records(out / "records.jsonl")
+    assert sorted(r["cell_key"] for r in final) == sorted(r["cell_key"] for r in stored)   # every cell, once
+    assert not list((out / "ranks").rglob("records.jsonl"))                             # merged and removed
+    by_key = {r["cell_key"]: r for r in final}
+    assert [by_key[r["cell_key"]]["record_hash"] for r in stored[:5]] == [r["record_hash"] for r in stored[:5]]
+    rerun = by_key[stored[5]["cell_key"]]                                  # the one cell run here
+    assert (rerun["top1"], rerun["heldout_top1"]) == (stored[5]["top1"], stored[5]["heldout_top1"])
+    assert [r["cell_key"] for r in resumed] == [r["cell_key"] for r in ran.one]
 
 
 # --- data-parallel training ----------------------------------------------------------------------

@@ -75,14 +75,45 @@ def reference_recover(teacher, labels, config, draws, x0):
     return inputs.detach()
 
 
+# The largest difference, in 0-255 levels, between our images and the reference loop's before
+# they are truncated to uint8: float rounding in a different order of the same operations (the
+# crop-resize and BN moments are computed differently), grown by 12 Adam steps. Measured on this
+# test: 8e-5 to 7e-4 levels with AVX-512 or ATen's default kernels, 5.3e-3 with oneDNN held to
+# AVX2 (ONEDNN_MAX_CPU_ISA=AVX2); the bound leaves 10x.
+MAX_DRIFT_LEVELS = 0.05
+
+
+def recover_batch_levels(monkeypatch, *args):
+    """recover_batch's uint8 images and the float levels they were truncated from (to_uint8's
+    input, denormalised and clamped as to_uint8 does)."""
+    from cdabench.distill import recover
+
+    seen, to_uint8 = [], recover.to_uint8
+
+    def spy(x, mean, std):
+        seen.append(x.detach().clone())
+        return to_uint8(x, mean, std)
+
+    monkeypatch.setattr(recover, "to_uint8", spy)
+    ours, _ = recover.recover_batch(*args)
+    monkeypatch.undo()
+    return ours, to_levels(seen[0])
+
+
+def to_levels(x: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1) * 255
+
+
 @pytest.mark.parametrize("method", ["sre2l", "cda"])
-def test_recover_batch_equals_the_reference_loop(method):
+def test_recover_batch_equals_the_reference_loop(method, monkeypatch):
     """Tiny-ImageNet's settings (lr, r_bn, jitter range, crop schedule) on a tiny BN network, 12
-    iterations, 10 images; the same draws for both loops. Saved pixels are compared by truncation:
-    every pixel equal except where the reference value lies within 1e-3 of an integer (float
-    noise may fall either side there: pixels clamped to the box bounds, and under 1 % others),
-    and those within one level. (This test found that the grid_sample crop leaked ~1e-7
-    gradients into pixels outside the box, which Adam turned into real updates; fixed.)"""
+    iterations, 10 images; the same draws for both loops. Our images before truncation are within
+    MAX_DRIFT_LEVELS of the reference's; saved pixels equal the reference truncated wherever the
+    reference lies farther from a level boundary than the drift measured in this very run (there
+    no float path can flip the truncation), and within one level where it lies closer. (This test
+    found that the grid_sample crop leaked ~1e-7 gradients into pixels outside the box, which
+    Adam turned into real updates; fixed.)"""
     config = dataclasses.replace(recover_config(load_task("tiny-imagenet"), load_method(method)), iterations=12)
     teacher = make_tiny_bn_net(in_chans=3, num_classes=CLASSES, size=SIZE)
     labels = [k % CLASSES for k in range(10)]
@@ -91,17 +122,21 @@ def test_recover_batch_equals_the_reference_loop(method):
     assert draws.boxes.shape == (12, 4) and draws.flips.shape == (12,) and draws.shifts.shape == (12, 2)
     x0 = initial_noise(seed, len(labels), (3, SIZE, SIZE))
     reference = reference_recover(teacher, labels, config, draws, x0)
-    ours, _ = recover_batch(teacher, labels, config, seed, (3, SIZE, SIZE), MEAN, STD, torch.device("cpu"))
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    levels = (reference * std + mean).clamp(0, 1) * 255
+    ours, our_levels = recover_batch_levels(monkeypatch, teacher, labels, config, seed, (3, SIZE, SIZE), MEAN, STD,
+                                            torch.device("cpu"))
+    levels = to_levels(reference)
     assert not torch.equal(x0, reference)                                   # the images did move
+    drift = (our_levels - levels).abs().max().item()
+    assert drift <= MAX_DRIFT_LEVELS, f"our images differ from the reference loop's by {drift:.4f} levels"
+    assert torch.equal(ours, our_levels.to(torch.uint8))                   # saved by truncation
     fraction = levels - levels.floor()
-    clear = (fraction > 1e-3) & (fraction < 1 - 1e-3)
+    clear = (fraction > drift) & (fraction < 1 - drift)                    # no drift this size can cross a level
     assert torch.equal(ours[clear].long(), levels.floor()[clear].long())
     assert (ours.float() - levels.floor()).abs().max() <= 1
-    low, high = levels < 1e-3, levels > 255 - 1e-3                      # clamped to the bounds
+    low, high = levels <= drift, levels >= 255 - drift                    # clamped to the bounds
     assert (ours[low] == 0).all() and (ours[high] >= 254).all()
-    assert (~clear & ~low & ~high).float().mean() < 0.01
+    interior = clear[~low & ~high].float().mean().item()
+    assert interior > 0.9, f"only {interior:.1%} of the unclamped pixels were compared exactly"
 
 
 def test_roll_only_recipe_equals_the_reference_loop():

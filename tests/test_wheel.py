@@ -7,6 +7,7 @@ The fresh environment borrows the running interpreter's site-packages through a 
 the wheel goes in with --no-deps --no-index, so nothing is downloaded."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import site
@@ -44,8 +45,10 @@ def _fresh_venv(tmp_path: Path, wheel: Path) -> Path:
     venv_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                     capture_output=True, text=True, check=True).stdout.strip())
     # The borrowed site-packages come after the venv's own, so the wheel's cdabench wins over any
-    # (editable) cdabench installed there; .pth files inside a borrowed folder are not run.
-    (venv_site / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # (editable) cdabench installed there; .pth files inside a borrowed folder are not run, so the
+    # folders are every site-packages this interpreter sees, also those a .pth of its own added.
+    borrowed = dict.fromkeys([*site.getsitepackages(), *(p for p in sys.path if Path(p).name == "site-packages")])
+    (venv_site / "borrowed.pth").write_text("\n".join(borrowed) + "\n")
     done = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
                 tmp_path, dict(os.environ))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -54,6 +57,7 @@ def _fresh_venv(tmp_path: Path, wheel: Path) -> Path:
 
 @pytest.mark.slow
 def test_an_installed_wheel_lists_and_runs_a_suite_from_an_empty_folder(tmp_path):
+    """list, run, distill, evaluate, leaderboard and check, as a user of the wheel runs them."""
     wheel = _build_wheel(tmp_path)
     shipped = set(zipfile.ZipFile(wheel).namelist())
     for name in ("tasks/digits.toml", "baselines/sre2l.toml", "suites/smoke.toml", "leaderboards/targets.csv",
@@ -85,6 +89,25 @@ def test_an_installed_wheel_lists_and_runs_a_suite_from_an_empty_folder(tmp_path
                 "--workers", "1", "--quiet"], empty, env)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert len((empty / "run" / "records.jsonl").read_text().splitlines()) == 1
+
+    # distill, evaluate and leaderboard, as the installed command runs them, on the same task.
+    common = ["--task", task, "--device", "cpu", "--quiet"]
+    distilled = _run([venv / "bin" / "cdabench", "distill", *common, "--method", "random", "--ipc", "1", "--out", "set"],
+                     empty, env)
+    assert distilled.returncode == 0, distilled.stdout + distilled.stderr
+    manifest = json.loads((empty / "set" / "manifest.json").read_text())
+    assert manifest["method"] == "random" and len(manifest["files"]) == 10
+    evaluated = _run([venv / "bin" / "cdabench", "evaluate", *common, "--data", "set", "--labels", "hard",
+                      "--student", "resnet18", "--epochs", "1", "--out", "evaluated"], empty, env)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    (record,) = [json.loads(line) for line in (empty / "evaluated" / "records.jsonl").read_text().splitlines()]
+    assert (record["method"], record["ipc"], record["student"], record["labels"]) == ("random", 1, "resnet18", "hard")
+    board = _run([venv / "bin" / "cdabench", "leaderboard", "--runs", "run", "evaluated", "--out", "board"], empty, env)
+    assert board.returncode == 0, board.stdout + board.stderr
+    page = (empty / "board" / "tiny.md").read_text()
+    assert "- records: 2 " in page and "## IPC 1" in page and "## IPC 2" in page
+    assert len((empty / "board" / "tiny.csv").read_text().splitlines()) == 1 + 2
+    assert list((empty / "board").glob("*.png"))
 
     # `check` with no --targets reads the packaged targets (the smoke suite's cells, absent here).
     checked = _run([venv / "bin" / "cdabench", "check", "--suite", suite, "--records", "run"], empty, env)

@@ -124,8 +124,11 @@ def load_teacher(ctx: Context, path: str | Path) -> Teacher:
     state, classes = _unwrap_checkpoint(obj)
     model = _new_teacher(ctx)
     head = model.get_classifier()
-    head_weight = state.get(next((k for k in state if k.endswith("fc.weight") or k.endswith("classifier.weight")
-                                  or k.endswith("head.weight")), ""), None)
+    # The checkpoint's head is the tensor under the name the task's architecture gives its classifier
+    # weight (ResNet: fc.weight). Matching names by suffix took a MobileNetV2's conv_head.weight for
+    # the head and refused it as a teacher of 1280 classes, not as another architecture.
+    head_key = next(name for name, p in model.named_parameters() if p is head.weight)
+    head_weight = state.get(head_key)
     if head_weight is not None and head_weight.shape[0] != head.out_features:
         raise DataError(f"teacher checkpoint {path} has {head_weight.shape[0]} classes but dataset "
                         f"{ctx.data.spec.name} has {ctx.num_classes}: use a teacher trained on this dataset")

@@ -53,7 +53,7 @@ def _csv_text(rows: list[dict]) -> str:
             "ipc": "full" if r["ipc"] is None else r["ipc"], "augmentation": report.augmentation(r),
             "top1": f"{r['top1']:.2f}", "top5": f"{r['top5']:.2f}",
             "heldout_top1": f"{r.get('heldout_top1', float('nan')):.2f}",
-            "seconds_total": f"{sum(v for v in r['seconds'].values() if v):.1f}",
+            "seconds_total": f"{math.fsum(v for v in r['seconds'].values() if v):.1f}",  # any key order
             "cdabench": r["versions"].get("cdabench"), "torch": r["versions"].get("torch"),
             "timm": r["versions"].get("timm")})
     return buf.getvalue()

@@ -16,7 +16,7 @@ from PIL import Image
 from cdabench import artifacts
 from cdabench.distill.select import herding_order
 from cdabench.distill.sets import load_distilled
-from cdabench.engine.models import penultimate_features
+from cdabench.engine.models import list_models, penultimate_features
 from tests.fixtures import run_cli
 
 DIGITS = [str(d) for d in range(10)]
@@ -142,7 +142,7 @@ def test_unknown_method_task_student(capsys, cli_common, distilled, tmp_path):
     code, text = run_cli(capsys, ["evaluate", *cli_common, "--data", str(distilled("random")), "--labels", "hard",
                                "--student", "nope", "--out", str(tmp_path / "c")])
     assert code == 2 and "unknown model 'nope'" in text
-    assert "deit_tiny, mobilenetv2, resnet101, resnet18, resnet50" in text
+    assert ", ".join(sorted(list_models())) in text                 # every registered student, by name
     assert not (tmp_path / "c" / "records.jsonl").exists()
 
 
@@ -182,3 +182,35 @@ def test_rerun_into_a_different_configuration_is_refused(capsys, cli_common, tmp
     assert artifacts.read_json(out / "manifest.json")["images_hash"] == first["images_hash"]
 
 
+
+
+@pytest.mark.slow
+def test_a_resume_that_switched_compile_records_compiled_mixed(tmp_path, inductor):
+    """The manifest says how recover's teacher forward ran: `false` (eager), `true` (torch.compile)
+    or `"mixed"` when a killed run is resumed with `compile` switched (a setting of how the work
+    runs, not of what it computes, so the same --out resumes). Killed after the first of 4 CDA
+    shards eager, resumed compiled; each marker says how its shard ran. timm's test_resnet is the
+    teacher (inductor compiles it in seconds; a ResNet-18 takes minutes on a small CPU)."""
+    from cdabench.config import load_task
+    from cdabench.distill.sets import distill
+    from cdabench.engine.context import open_context
+    from tests.fixtures import interrupt_at, tiny_task_file
+
+    cda = {"iterations": 2, "batch_size": 5, "jitter": 1}
+    eager = tiny_task_file(tmp_path / "eager" / "tiny.toml", {"teacher.model": "test_resnet", "recover.sre2l": None,
+                                                              "recover.cda": cda})
+    compiled = tiny_task_file(tmp_path / "compiled" / "tiny.toml", {"teacher.model": "test_resnet",
+                                                                    "recover.sre2l": None,
+                                                                    "recover.cda": {**cda, "compile": True}})
+    out, cache = tmp_path / "set", tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt), interrupt_at("recover", cda["iterations"] + 1):
+        distill(open_context(load_task(str(eager)), None, "cpu", cache), "cda", 2, 0, out)
+    assert [p.name for p in (out / "shards").glob("*.json")] == ["c0000_g0000.json"]
+    manifest = distill(open_context(load_task(str(compiled)), None, "cpu", cache), "cda", 2, 0, out)
+    ran = {p.stem: artifacts.read_json(p)["compiled"] for p in sorted((out / "shards").glob("*.json"))}
+    assert ran == {"c0000_g0000": False, "c0000_g0001": True, "c0001_g0000": True, "c0001_g0001": True}
+    assert manifest["compiled"] == "mixed"
+    assert artifacts.read_json(out / "manifest.json")["compiled"] == "mixed"
+    # Run whole either way, the flag is a plain true or false.
+    assert distill(open_context(load_task(str(compiled)), None, "cpu", cache), "cda", 2, 0,
+                   tmp_path / "whole")["compiled"] is True

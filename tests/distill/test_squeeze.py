@@ -1,13 +1,16 @@
-"""The teacher a distillation uses: a checkpoint of another class count is refused, and the
+"""The teacher a distillation uses: a checkpoint of another class count, another class map or
+another architecture is refused, one that carries code is refused without running it, and the
 class-order guard trips on a teacher whose head is permuted."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from cdabench.distill.squeeze import load_teacher
 from cdabench.engine.models import create_model
-from tests.fixtures import run_cli
+from tests.fixtures import run_cli, squeezed
 
 
 def test_teacher_with_wrong_class_count(capsys, cli_common, tmp_path):
@@ -33,3 +36,70 @@ def test_teacher_with_permuted_head_trips_class_order_guard(capsys, cli_common, 
                                "--out", str(tmp_path / "out")])
     assert code == 2 and "class-order guard" in text and "do not match the dataset's class order" in text
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _teacher_state(tiny_teacher) -> dict:
+    return {k: v.detach().clone() for k, v in tiny_teacher.model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_teacher_trained_with_another_class_map_is_refused(capsys, cli_common, tiny_ctx, tiny_teacher, tmp_path):
+    """A checkpoint in our format names its class map; another order of the same classes is refused
+    before anything uses it (the class-order guard would pass: the weights are the good teacher's)."""
+    state = _teacher_state(tiny_teacher)
+    other = tmp_path / "other-map.pt"
+    torch.save({"state_dict": state, "classes": list(reversed(tiny_ctx.classes))}, other)
+    code, text = run_cli(capsys, ["distill", *cli_common, "--method", "herding", "--ipc", "1", "--teacher", str(other),
+                               "--out", str(tmp_path / "out")])
+    first, expected = tiny_ctx.classes[-1], tiny_ctx.classes[0]
+    assert code == 2 and "was trained with another class map" in text, text
+    assert f"(first difference at index 0: {first!r} vs {expected!r})" in text
+    assert not (tmp_path / "out").exists()
+    same = tmp_path / "same-map.pt"
+    torch.save({"state_dict": state, "classes": list(tiny_ctx.classes)}, same)
+    assert load_teacher(tiny_ctx, same).info["classes"] == tiny_ctx.classes     # the same map loads
+
+
+@pytest.mark.parametrize("architecture", ["resnet50", "mobilenetv2"])
+def test_teacher_of_another_architecture_is_refused(capsys, cli_common, architecture, tmp_path):
+    """The task's teacher is a ResNet-18: a ResNet-50 (same head name, other shapes) or a
+    MobileNetV2 (other names) of the right class count is refused, naming the architecture."""
+    torch.manual_seed(0)
+    path = tmp_path / f"{architecture}.pt"
+    torch.save(create_model(architecture, 10, 1, 8).state_dict(), path)
+    code, text = run_cli(capsys, ["distill", *cli_common, "--method", "herding", "--ipc", "1", "--teacher", str(path),
+                               "--out", str(tmp_path / "out")])
+    assert code == 2 and squeezed(f"teacher checkpoint {path} does not fit resnet18 at 8px") in squeezed(text), text
+    assert not (tmp_path / "out").exists()
+
+
+class _RunsCode:
+    """Pickles as a call of os.mkdir(path): unpickling it runs code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("command", ["distill", "evaluate"])
+def test_a_teacher_checkpoint_carrying_code_is_refused_and_never_run(capsys, cli_common, tiny_teacher, distilled,
+                                                                      command, tmp_path):
+    """A torch checkpoint whose pickle calls a function on load (os.mkdir here; any code in
+    general) is refused by the weights-only loader, and the call never happens."""
+    ran = tmp_path / "the-checkpoint-ran-code"
+    path = tmp_path / "carries-code.pt"
+    torch.save({"state_dict": _teacher_state(tiny_teacher), "extra": _RunsCode(str(ran))}, path)
+    if command == "distill":
+        argv = ["distill", *cli_common, "--method", "herding", "--ipc", "1", "--out", str(tmp_path / "out")]
+    else:
+        argv = ["evaluate", *cli_common, "--data", str(distilled("random")), "--labels", "soft", "--epochs", "1",
+                "--out", str(tmp_path / "out")]
+    code, text = run_cli(capsys, [*argv, "--teacher", str(path)])
+    refused = f"{os.mkdir.__module__}.{os.mkdir.__name__}"                     # posix.mkdir: what it would call
+    assert code == 2 and "weights-only" in text and refused in text, text
+    assert not ran.exists(), "loading the teacher ran the code in its pickle"
+    assert not (tmp_path / "out" / "records.jsonl").exists()
+    torch.load(path, weights_only=False)          # the payload is live: a plain unpickling runs it
+    assert ran.is_dir()

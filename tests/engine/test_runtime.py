@@ -2,11 +2,15 @@
 torchrun finds its device and its workers shed torchrun's environment."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from cdabench.engine.runtime import autocast, check_precision
+from tests.fixtures import child_env
 
 CPU = torch.device("cpu")
 
@@ -59,3 +63,26 @@ def test_cpu_workers_share_the_cpu():
     from cdabench.engine.runtime import worker_devices
     assert worker_devices(torch.device("cpu"), 3) == ["cpu", "cpu", "cpu"]
     assert worker_devices(torch.device("cpu"), 2, world=4) == ["cpu", "cpu"]
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path):
+    """`cdabench distill --precision bf16` on a CPU without native bf16 stops before any work, with
+    the fix. The capability is what oneDNN reports (runtime.bf16_supported), and oneDNN held to
+    AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) reports none on any x86 CPU: the product's own decision on a
+    CPU that lacks the instructions, nothing mocked."""
+    env = child_env(ONEDNN_MAX_CPU_ISA="AVX2", CDABENCH_CACHE=str(tmp_path / "cache"))
+    probe = subprocess.run([sys.executable, "-c", "import torch; from cdabench.engine.runtime import bf16_supported; "
+                            "print(bf16_supported(torch.device('cpu')))"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    if probe.stdout.strip() != "False":
+        pytest.skip("oneDNN on this CPU reports native bf16 even held to AVX2 (not x86?): the refusal is not checked")
+    out = tmp_path / "set"
+    done = subprocess.run([sys.executable, "-m", "cdabench.cli", "distill", "--precision", "bf16", "--method", "random",
+                           "--ipc", "1", "--device", "cpu", "--quiet", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--precision bf16 was asked for, but cpu:" in message and "has no native bf16" in message
+    assert "use --precision fp32" in message
+    assert not out.exists() and not (tmp_path / "cache").exists()       # refused before any work

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from cdabench.cli import main
-from cdabench.config import ConfigError
+from cdabench.config import ConfigError, list_methods, list_tasks
+from cdabench.engine.models import list_models
 from cdabench.harness.crossarch import Cell, expand, narrow, validate
 from cdabench.harness.suites import load_suite
 
@@ -24,16 +25,19 @@ def test_cross_arch_grid_expands_as_declared():
     assert len(expand(narrow(suite, ipcs=[10]))) == (5 + 2) * 2 * 4
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"methods": ["cda", "magic"]}, "unknown method 'magic'"),
-    ({"students": ["resnet18", "not_a_net"]}, "unknown student(s) not_a_net"),
-    ({"task": "no-such-task"}, "unknown task 'no-such-task'"),
+@pytest.mark.parametrize("change, message, valid", [
+    ({"methods": ["cda", "magic"]}, "unknown method 'magic'", list_methods),
+    ({"students": ["resnet18", "not_a_net"]}, "unknown student(s) not_a_net", list_models),
+    ({"task": "no-such-task"}, "unknown task 'no-such-task'", list_tasks),
 ])
-def test_unknown_names_are_refused_with_the_valid_ones(change, message):
+def test_unknown_names_are_refused_with_the_valid_ones(change, message, valid):
+    """The error names the unknown value and lists every valid one (the registry's own list)."""
     suite = narrow(load_suite("cross-arch"), **change)
     with pytest.raises(ConfigError) as err:
         validate(suite)
-    assert message in str(err.value) and "known" in str(err.value) or "use" in str(err.value)
+    text = str(err.value)
+    assert message in text, text
+    assert ", ".join(sorted(valid())) in text, text
 
 
 def test_unknown_suite_lists_suites(capsys):
