@@ -20,6 +20,7 @@ import csv
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
@@ -124,26 +125,32 @@ def compare(records: list[dict], targets: list[Target]) -> list[CellStatus]:
 MAX_TOLERANCE = 5.0  # points: a looser target would let a real regression pass
 
 
-def write_targets(path: Path, records: list[dict], spread_records: list[dict] | None = None,
-                  k: float = 3.0, floor: float = 1.0, max_tolerance: float = MAX_TOLERANCE,
-                  two_sided: tuple[str, ...] = (), metrics: tuple[str, ...] = ("top1",)) -> list[Target]:
-    """Targets from measured records: per cell, target = the mean over the records' seeds (the
-    number the check will compare) and tolerance = max(floor, k x s / sqrt(n)), s the seed-to-seed
-    standard deviation measured in `spread_records` (or in `records`), n the seeds the check averages:
-    k standard errors of that mean. A cell whose tolerance would exceed `max_tolerance` is refused,
-    naming it: it is too unstable across seeds to catch a regression (run more seeds, or train it
-    to convergence). Targets of the methods in `two_sided` get sides = 2. `metrics`: the record
-    fields to target (each cell gets one target per field its records carry)."""
-    cells, spread = defaultdict(list), defaultdict(list)
-    for source, into in ((records, cells), (spread_records or records, spread)):
-        for r in _cross_arch(source):
-            for metric in metrics:
-                if r.get(metric) is not None:
-                    into[_cell_key(r, metric)].append(r[metric])
-    targets = [Target(*key[:5], round(stats.mean(v), 2),
-                      round(max(floor, k * stats.std(spread.get(key, v)) / math.sqrt(len(v))), 2),
+def write_targets(path: Path, records: list[dict], k: float = 3.0, floor: float = 1.0,
+                  max_tolerance: float = MAX_TOLERANCE, two_sided: tuple[str, ...] = (),
+                  metrics: tuple[str, ...] = ("top1",), path_of: Callable[[dict], str] = lambda r: "") -> list[Target]:
+    """Targets from measured records, run on one float path or several (`path_of` names a record's:
+    e.g. the CPU ISA and thread count it ran under). Per cell, target = the mean over all records,
+    and tolerance = max(floor, k x d), d the standard deviation of (a check's mean on a machine it
+    has never seen - the target):
+
+        d^2 = (s_w^2 / n + s_b^2) x (1 + 1/P)
+
+    s_w the seed-to-seed standard deviation within a path (pooled), n the seeds a path has (the
+    seeds the check averages), s_b^2 = max(0, var(the paths' means) - s_w^2 / n) what a path adds
+    beyond drawing its seeds again, P the paths measured; (1 + 1/P): the target's own error. A cell
+    whose tolerance would exceed `max_tolerance` is refused, naming it: it is too unstable to catch
+    a regression (run more seeds, or train it to convergence). Targets of the methods in
+    `two_sided` get sides = 2. `metrics`: the record fields to target (each cell gets one target
+    per field its records carry)."""
+    cells = defaultdict(lambda: defaultdict(list))
+    for r in _cross_arch(records):
+        for metric in metrics:
+            if r.get(metric) is not None:
+                cells[_cell_key(r, metric)][path_of(r)].append(r[metric])
+    targets = [Target(*key[:5], round(stats.mean([v for vs in by_path.values() for v in vs]), 2),
+                      round(max(floor, k * _check_spread(list(by_path.values()))), 2),
                       2 if key[1] in two_sided else 1, key[5])
-               for key, v in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0]))]
+               for key, by_path in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0]))]
     loose = [t for t in targets if t.tolerance > max_tolerance]
     if loose:
         raise ValueError("too unstable for a regression target (tolerance > "
@@ -159,3 +166,11 @@ def write_targets(path: Path, records: list[dict], spread_records: list[dict] | 
             writer.writerow([t.task, t.method, "full" if t.ipc is None else t.ipc, t.student, t.labels,
                              f"{t.target_top1:.2f}", f"{t.tolerance:.2f}", t.sides, t.metric])
     return targets
+
+
+def _check_spread(paths: list[list[float]]) -> float:
+    """d of write_targets: the standard deviation of a new path's mean minus the target."""
+    n = stats.mean([len(v) for v in paths])
+    within = math.fsum((len(v) - 1) * stats.std(v) ** 2 for v in paths) / max(1, sum(len(v) - 1 for v in paths))
+    between = max(0.0, stats.std([stats.mean(v) for v in paths]) ** 2 - within / n) if len(paths) > 1 else 0.0
+    return math.sqrt((within / n + between) * (1 + 1 / len(paths)))
