@@ -103,3 +103,39 @@ def test_a_teacher_checkpoint_carrying_code_is_refused_and_never_run(capsys, cli
     assert not (tmp_path / "out" / "records.jsonl").exists()
     torch.load(path, weights_only=False)          # the payload is live: a plain unpickling runs it
     assert ran.is_dir()
+
+
+def test_the_smoke_task_loads_its_packaged_teacher_not_a_trained_one(tmp_path):
+    """The smoke task's `teacher_checkpoint`: the packaged file (sha256 as its provenance says) is
+    the teacher every machine's regression check uses, whatever the cache holds, and it is the
+    teacher the provenance describes (its held-out accuracy, recomputed here)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from cdabench import packaged
+    from cdabench.config import load_task
+    from cdabench.data import DataError
+    from cdabench.distill.squeeze import get_teacher
+    from cdabench.engine.context import open_context
+    from cdabench.engine.train import evaluate_model
+
+    task = load_task("digits-smoke")
+    provenance = json.loads(packaged.builtin("teachers", "digits-smoke-test_resnet.json").read_text())
+    assert task.teacher_checkpoint == provenance["file"]
+    blob = packaged.builtin("teachers", task.teacher_checkpoint).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == provenance["sha256"]
+
+    ctx = open_context(task, None, "cpu", str(tmp_path / "cache"))
+    teacher = get_teacher(ctx, train=False)           # train=False: a trained teacher would be StageMissing
+    saved = torch.load(__import__("io").BytesIO(blob), weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
+    heldout = evaluate_model(teacher.model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
+    # within one held-out image (0.70 points of 142): a logit near a tie may flip on another float path
+    assert heldout["top1"] == pytest.approx(provenance["heldout_top1"], abs=0.71)
+    assert not (tmp_path / "cache" / "teachers").exists()
+
+    missing = dataclasses.replace(task, teacher_checkpoint="no-such-teacher.pt")
+    with pytest.raises(DataError, match=r"teacher_checkpoint 'no-such-teacher.pt' is neither a file in "
+                                        r"cdabench/builtin/teachers/ nor a path"):
+        get_teacher(open_context(missing, None, "cpu", str(tmp_path / "cache")), train=False)
