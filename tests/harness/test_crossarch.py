@@ -56,9 +56,10 @@ def test_the_cells_of_the_image_scores_are_opt_in_and_keep_the_old_keys():
     from cdabench.config import load_task
     from cdabench.harness.crossarch import cell_key
 
-    base = load_suite("cross-arch")
-    suite = dataclasses.replace(base, hard_label_methods=tuple(base.hard_label_methods) + ("full",),
-                                no_augment_methods=("cda", "random"))
+    suite = load_suite("cross-arch")                  # the packaged suite opts in to both
+    assert "full" in suite.hard_label_methods and set(suite.no_augment_methods) == {"cda", "random"}
+    base = dataclasses.replace(suite, hard_label_methods=tuple(m for m in suite.hard_label_methods if m != "full"),
+                               no_augment_methods=())
     before, cells = expand(base), expand(suite)
     extra = [c for c in cells if c not in before]
     task = load_task(base.task)
