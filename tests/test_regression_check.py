@@ -13,13 +13,11 @@ thread per process, on AVX-512 and on oneDNN's AVX2 path; docs/suites.md has the
   100 % in every seed on both paths, against the two-sided band 94.84 +- 3.08 (healthy sets:
   88-100 %, ten-seed means 94.2-95.3 per path). One seed decides it as well as four;
 - the BN loss weight set to 0: the CDA images lose the BN statistics; CDA top-1 drops 10.9-11.7
-  points (to 60.8 and 61.6, 6.5-7.3 below the band's floor 68.10; four seeds); the random real images,
-  which no recover touches, stay green on both of their targets (their seeds 0-3 average
-  93.6-94.5 on five paths, the floor is 92.77);
+  points (to 60.8 and 61.6, 6.5-7.3 below the band's floor 68.10; four seeds);
 - the KD temperature 4 -> 1: every soft-label student moves: random real images drop 1.9-2.5
   points, outside that very stable cell's 1.16-point band, and CDA 6.2-8.8 points, below its band
   (four seeds); either failure turns the check red, and the label agreements (properties of the
-  sets, which a student's temperature cannot touch) stay green.
+  sets, which a student's temperature cannot touch: the very sets of a healthy run) stay green.
 
 The teacher is the task's packaged checkpoint (`teacher_checkpoint`): no test depends on a cache
 the host left, and every machine starts from the same teacher."""
@@ -44,8 +42,7 @@ SEEDS = [0, 1, 2, 3]
 BREAKAGES = {
     "cda-curriculum-replaced-by-no-crop": ([("[recover.cda]\n", '[recover.cda]\ncrop = { kind = "none" }\n')],
                                            ["cda"], [("cda", "label_agreement", "changed")], SEEDS[:1], []),
-    "bn-loss-weight-zero": ([("r_bn = 0.01", "r_bn = 0.0")], ["cda", "random"], [("cda", "top1", "regressed")], SEEDS,
-                            [("random", "top1"), ("random", "label_agreement")]),
+    "bn-loss-weight-zero": ([("r_bn = 0.01", "r_bn = 0.0")], ["cda"], [("cda", "top1", "regressed")], SEEDS, []),
     "kd-temperature-changed": ([("temperature = 4.0", "temperature = 1.0")], ["cda", "random"],
                                [("random", "top1", "regressed"), ("cda", "top1", "regressed")], SEEDS,
                                [("cda", "label_agreement"), ("random", "label_agreement")]),

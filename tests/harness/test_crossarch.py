@@ -13,16 +13,19 @@ from cdabench.harness.suites import load_suite
 def test_cross_arch_grid_expands_as_declared():
     suite = load_suite("cross-arch")
     cells = expand(suite)
-    # 4 methods x 2 IPCs (1, 10) + full (no IPC), x 2 seeds x 4 students, soft; + hard for cda and random.
-    assert len(cells) == ((4 + 2) * 2 + 1) * 2 * 4
+    # Per student and seed: 4 methods x 2 IPCs (1, 10) soft, + hard and augmentation-off for cda and random
+    # at each IPC, + full (no IPC) soft and hard; x 3 seeds x 4 students.
+    assert len(cells) == ((4 + 2 + 2) * 2 + 2) * 3 * 4
+    assert Cell("digits", "full", None, "deit_tiny", "hard", 2) in cells
+    assert Cell("digits", "random", 1, "mobilenetv2", "soft", 2, augment=False) in cells
     assert Cell("digits", "random", 1, "resnet18", "hard", 0) in cells
     assert len(set(cells)) == len(cells)
     assert Cell("digits", "cda", 10, "deit_tiny", "hard", 1) in cells
     assert Cell("digits", "full", None, "resnet50", "soft", 0) in cells
     assert not any(c.method == "sre2l" and c.labels == "hard" for c in cells)
     narrowed = expand(narrow(suite, students=["resnet18"], seeds=[0, 1, 2], methods=["cda", "random"]))
-    assert len(narrowed) == 2 * 2 * 3 * 2   # methods x IPCs x seeds x (soft, hard)
-    assert len(expand(narrow(suite, ipcs=[10]))) == (5 + 2) * 2 * 4
+    assert len(narrowed) == 2 * 2 * 3 * 3   # methods x IPCs x seeds x (soft, hard, soft with augmentation off)
+    assert len(expand(narrow(suite, ipcs=[10]))) == (5 + 3 + 2) * 3 * 4
 
 
 @pytest.mark.parametrize("change, message, valid", [
