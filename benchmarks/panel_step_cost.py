@@ -24,6 +24,7 @@ PAIRS = [("resnet18", "resnet18_w16"), ("resnet50", "resnet50_w16"), ("mobilenet
          ("deit_tiny", "deit_w64")]
 PATCH = {"deit_tiny": 4, "deit_w64": 4}
 WARMUP, STEPS = 3, 12
+NORMALIZER = Normalizer([0.3], [0.37], torch.device("cpu"))   # digits' grey level statistics, roughly
 
 
 def ms_per_step(student: str, labels) -> tuple[float, float]:
@@ -41,9 +42,6 @@ def ms_per_step(student: str, labels) -> tuple[float, float]:
         train_step(model, optimizer, labels, NORMALIZER, torch.device("cpu"), x, y, None, 0, rng, None)
         times.append(time.perf_counter() - start)
     return sum(p.numel() for p in model.parameters()) / 1e6, 1000 * min(times[WARMUP:])
-
-
-NORMALIZER = Normalizer([0.3], [0.37], torch.device("cpu"))
 
 
 def main(students: list[str]) -> None:

@@ -115,19 +115,10 @@ class EncodedImages:
         return columns[shard]
 
     # ------------------------------------------------------------------ identity
-    def _relative(self, shard: Path) -> str:
-        return Path(os.path.relpath(shard, self.root)).as_posix()
-
     def update_identity(self, hasher: "hashlib._Hash", mtimes: bool = False) -> None:
         """Every shard's relative path and size (and modification time with `mtimes`), then every
         image's shard and locator: one stat per shard, no reads."""
-        lines = []
-        for shard in self.shards:
-            try:
-                stat = shard.stat()
-            except OSError as exc:
-                raise DataError(f"cannot stat {shard} ({exc}); restore the file or reload the dataset") from exc
-            lines.append(f"{self._relative(shard)}\t{stat.st_size}" + (f"\t{stat.st_mtime_ns}" if mtimes else "") + "\n")
+        lines = [file_identity_line(shard, self.root, mtimes) for shard in self.shards]
         hasher.update(f"{self.kind}{len(lines)}\n{''.join(lines)}".encode())
         hasher.update(self.shard.astype("<i4").tobytes())
         hasher.update(self.locator.astype("<i8").tobytes())
@@ -151,3 +142,13 @@ def shard_rows(sizes: list[int], rows: list[int]) -> np.ndarray:
     shard, apportioned (its compressed bytes are not separable without reading them)."""
     return np.concatenate([np.full(n, size // max(1, n), dtype=np.int64) for size, n in zip(sizes, rows)]) \
         if rows else np.zeros(0, dtype=np.int64)
+
+
+def file_identity_line(path: Path, root: Path, mtime: bool = True) -> str:
+    """One line of a fingerprint: the file's path relative to `root`, its size and (with `mtime`)
+    its modification time; one stat, no read. A file that cannot be stat'ed is a DataError."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataError(f"cannot stat {path} ({exc}); restore the file or reload the dataset") from exc
+    return f"{Path(os.path.relpath(path, root)).as_posix()}\t{stat.st_size}" + (f"\t{stat.st_mtime_ns}" if mtime else "") + "\n"

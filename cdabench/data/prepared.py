@@ -21,6 +21,7 @@ import torch
 
 from cdabench import artifacts, progress
 
+from .containers import file_identity_line
 from .errors import DataError
 from .resources import check_free_space
 from .images import ImageSplit
@@ -44,14 +45,7 @@ def split_fingerprint(split: ImageSplit, view: str) -> str:
         split.update_hash(hasher)
         return hasher.hexdigest()
     root = split.root or Path(os.path.commonpath([str(p.parent) for p in split.paths]))
-    lines = []
-    for path in split.paths:
-        try:
-            stat = path.stat()
-        except OSError as exc:
-            raise DataError(f"cannot stat image file {path} ({exc}); restore the file or reload the dataset") from exc
-        lines.append(f"{Path(os.path.relpath(path, root)).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n")
-    hasher.update("".join(lines).encode())
+    hasher.update("".join(file_identity_line(path, root) for path in split.paths).encode())
     hasher.update(f"resize{split.resize_to}".encode())
     hasher.update(np.asarray(split.targets).astype("<i8").tobytes())
     return hasher.hexdigest()

@@ -296,9 +296,7 @@ def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[st
         ax.set_title(f"{task_name}: {steps} steps, {ipc} images per class, {student}", fontsize=9)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))   # beside the lines, never over them
         fig.tight_layout(rect=(0, 0.03, 1, 1))
-        plots.footer(fig, provenance)
-        plots.save_png(fig, out / f"{stem}-curves.png")
-        names.append(f"{stem}-curves.png")
+        names.append(plots.save_figure(fig, provenance, out, f"{stem}-curves.png"))
 
         cols = min(4, len(rows))
         nrows = -(-len(rows) // cols)
@@ -321,7 +319,5 @@ def draw(task: str, records: list[dict], out: Path, provenance: dict) -> list[st
             axes[k // cols][k % cols].axis("off")
         fig.colorbar(image, ax=axes, shrink=0.8, label="top-1 %")
         fig.suptitle(f"{task_name}: accuracy matrices (mean over seeds)", fontsize=9)
-        plots.footer(fig, provenance)
-        plots.save_png(fig, out / f"{stem}-matrices.png")
-        names.append(f"{stem}-matrices.png")
+        names.append(plots.save_figure(fig, provenance, out, f"{stem}-matrices.png"))
     return names

@@ -18,17 +18,16 @@ from cdabench.results import report
 METADATA = {"Software": None}  # no version/date stamp inside the PNG
 
 
-def footer(fig, provenance: dict) -> None:
+def save_figure(fig, provenance: dict, out: Path, name: str) -> str:
+    """The figure with its provenance footer, written atomically as out/name; returns name."""
     text = (f"{provenance['records']} records, hash {provenance['hash']}; {'; '.join(provenance['versions'])}; "
             f"{'; '.join(provenance['devices'])}")
     fig.text(0.01, 0.005, text, fontsize=6, color="0.4", ha="left", va="bottom")
-
-
-def save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, metadata=METADATA)
     plt.close(fig)
-    artifacts.atomic_write_bytes(path, buf.getvalue())
+    artifacts.atomic_write_bytes(out / name, buf.getvalue())
+    return name
 
 
 def _finish_line_plot(fig, ax, title: str, legend_size: int, provenance: dict, out: Path, name: str) -> str:
@@ -36,9 +35,7 @@ def _finish_line_plot(fig, ax, title: str, legend_size: int, provenance: dict, o
     ax.set_title(title)
     ax.legend(fontsize=legend_size)
     fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the provenance footer
-    footer(fig, provenance)
-    save_png(fig, out / name)
-    return name
+    return save_figure(fig, provenance, out, name)
 
 
 def accuracy_vs_ipc(task: str, rows: list[dict], out: Path, provenance: dict) -> str:
@@ -87,10 +84,8 @@ def heatmap(task: str, summary: report.Summary, out: Path, provenance: dict) -> 
     ipc = "full data" if summary.ipc is None else f"IPC {summary.ipc}"
     ax.set_title(f"{task}, {ipc}: method × student", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    footer(fig, provenance)
     name = f"{task}-heatmap-{'full' if summary.ipc is None else f'ipc{summary.ipc}'}.png"
-    save_png(fig, out / name)
-    return name
+    return save_figure(fig, provenance, out, name)
 
 
 def accuracy_vs_bytes(task: str, rows: list[dict], out: Path, provenance: dict) -> str:
@@ -128,10 +123,8 @@ def curves(task: str, picked: list[tuple[dict, dict]], out: Path, provenance: di
     axes[0].legend(fontsize=6)
     fig.suptitle(f"{task}: training curves of {len(picked)} cell(s)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    footer(fig, provenance)
     name = f"{task}-curves.png"
-    save_png(fig, out / name)
-    return name
+    return save_figure(fig, provenance, out, name)
 
 
 def draw_task(task: str, rows: list[dict], summaries: list[report.Summary], out: Path, provenance: dict) -> list[str]:

@@ -111,6 +111,7 @@ def test_the_smoke_task_loads_its_packaged_teacher_not_a_trained_one(tmp_path):
     teacher the provenance describes (its held-out accuracy, recomputed here)."""
     import dataclasses
     import hashlib
+    import io
     import json
 
     from cdabench import packaged
@@ -128,7 +129,7 @@ def test_the_smoke_task_loads_its_packaged_teacher_not_a_trained_one(tmp_path):
 
     ctx = open_context(task, None, "cpu", str(tmp_path / "cache"))
     teacher = get_teacher(ctx, train=False)           # train=False: a trained teacher would be StageMissing
-    saved = torch.load(__import__("io").BytesIO(blob), weights_only=True)["state_dict"]
+    saved = torch.load(io.BytesIO(blob), weights_only=True)["state_dict"]
     assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
     heldout = evaluate_model(teacher.model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
     # within one held-out image (0.70 points of 142): a logit near a tie may flip on another float path
