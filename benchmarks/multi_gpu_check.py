@@ -33,7 +33,7 @@ ipcs = [10]
 holdout_per_class = 20
 [teacher]
 model = "resnet18"
-epochs = 6
+epochs = 10
 batch_size = 128
 optimizer = "sgd"
 lr = 0.1
