@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         with _exit_on_sigterm():
             return _dispatch(args, command)
     except (ConfigError, DataError, ValueError, FileNotFoundError, FolderInUse) as exc:
-        progress.console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        progress.console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
 
 

@@ -122,5 +122,7 @@ def duration(seconds: float) -> str:
 
 
 def log(message: str) -> None:
+    # soft_wrap: a message is one line however long (a terminal wraps it for the eye); rich's own
+    # wrapping would break a path inside a CI log at column 80, where nobody can paste it back.
     if not _quiet:
-        console.print(message, markup=False, highlight=False)
+        console.print(message, markup=False, highlight=False, soft_wrap=True)

@@ -2,8 +2,8 @@
 suite each benchmark body runs once, as a test of what it measures).
 
 Compare against a saved baseline from the same machine on `min`, never `mean` (noisy here):
-    pytest tests/test_benchmarks.py --benchmark-enable --benchmark-autosave
-    pytest tests/test_benchmarks.py --benchmark-enable --benchmark-compare --benchmark-compare-fail=min:15%
+    pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-autosave
+    pytest tests/test_benchmarks.py -n 0 --benchmark-enable --benchmark-compare --benchmark-compare-fail=min:15%
 """
 from __future__ import annotations
 
