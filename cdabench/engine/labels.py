@@ -162,14 +162,23 @@ def write_epoch(root: Path, epoch: int, record: dict) -> None:
 def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, config: LabelStoreConfig,
                       normalizer, device: torch.device, image_size: int, precision: str = "fp32",
                       group: ProcessGroup = ProcessGroup()) -> dict:
-    """Generate (or finish) the stored soft labels: one atomically written file per epoch, so an
-    interrupted relabel resumes at the first missing epoch. Returns the store's manifest.
+    """Generate, finish or extend the stored soft labels: one atomically written file per epoch,
+    so an interrupted relabel resumes at the first missing epoch. Returns the manifest of the
+    store's first `config.epochs` epochs, the ones a student of that many epochs replays.
+    A store grows: epoch e's file depends only on the seed, e, the batch size, the views' recipe
+    and the teacher, never on how many epochs were asked for, so a store of E epochs is the first
+    E epochs of a longer one (byte for byte, and so is its label hash). Students of one set that
+    train for different numbers of epochs share one store (evaluate/posttrain.py keys it without
+    the epochs), and each asks for what it needs; labels.json lists every epoch made so far.
     With several ranks (every rank calls this) the missing epochs are dealt round-robin; an
     epoch's file depends only on its own generator and the teacher, so the store is the one a
-    single process writes, byte for byte; rank 0 writes the manifest."""
-    finished = (root / "labels.json").exists() and all(epoch_file(root, e).exists() for e in range(config.epochs))
-    if group.broadcast(finished):  # made earlier: its manifest keeps the cost of making it
-        return artifacts.read_json(root / "labels.json")
+    single process writes, byte for byte; rank 0 writes labels.json."""
+    finished = all(epoch_file(root, e).exists() for e in range(config.epochs))
+    if group.broadcast(finished):  # made earlier, by this student's cell or a longer one
+        manifest = _prefix_manifest(root, config, images.shape[0])
+        if group.is_main and not (root / "labels.json").exists():   # killed between the last epoch and it
+            _record_made(root, config, images.shape[0], manifest["files"], 0.0)
+        return manifest
     teacher.eval()
     n = images.shape[0]
     spec = config.augment
@@ -211,16 +220,40 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
             bar.advance(1)
     group.barrier()
     if not group.is_main:
-        group.barrier()  # rank 0 writes the manifest
-        return artifacts.read_json(root / "labels.json")
-    files = {epoch_file(root, e).name: artifacts.sha256_file(epoch_file(root, e)) for e in range(config.epochs)}
-    manifest = {"config": config.to_dict(), "num_images": n, "files": files,
-                "label_hash": artifacts.hash_file_map(files),
-                "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(config.epochs)),
-                "teacher_forwards": n * config.epochs, "seconds": time.perf_counter() - start}
-    artifacts.atomic_write_json(root / "labels.json", manifest)
+        group.barrier()  # rank 0 writes labels.json
+        return _prefix_manifest(root, config, n)
+    manifest = _prefix_manifest(root, config, n)
+    _record_made(root, config, n, manifest["files"], time.perf_counter() - start)
     group.barrier()
     return manifest
+
+
+def _prefix_manifest(root: Path, config: LabelStoreConfig, n: int) -> dict:
+    """The manifest of the store's epochs 0..E-1 (E = config.epochs): their files' hashes (from
+    labels.json where it has them, so a large store is not read again), label hash and bytes, and
+    the teacher forwards they cost."""
+    known = artifacts.read_json(root / "labels.json")["files"] if (root / "labels.json").exists() else {}
+    files = {}
+    for e in range(config.epochs):
+        path = epoch_file(root, e)
+        files[path.name] = known.get(path.name) or artifacts.sha256_file(path)
+    return {"config": config.to_dict(), "num_images": n, "files": files, "label_hash": artifacts.hash_file_map(files),
+            "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(config.epochs)),
+            "teacher_forwards": n * config.epochs}
+
+
+def _record_made(root: Path, config: LabelStoreConfig, n: int, files: dict[str, str], seconds: float) -> None:
+    """labels.json: every epoch made so far (this call's and any other's, also one written beside
+    it by another cell of the same set), its hash, and the seconds spent making them."""
+    before = artifacts.read_json(root / "labels.json") if (root / "labels.json").exists() else {}
+    every = {**before.get("files", {}), **files}
+    every = {name: every[name] for name in sorted(every)}
+    epochs = len(every)
+    artifacts.atomic_write_json(root / "labels.json", {
+        "config": {**config.to_dict(), "epochs": epochs}, "num_images": n, "files": every,
+        "label_hash": artifacts.hash_file_map(every),
+        "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(epochs)),
+        "teacher_forwards": n * epochs, "seconds": before.get("seconds", 0.0) + seconds})
 
 
 # Per image and epoch besides the logits: order (int32), crop and mix boxes (2 x 4 int16), flip
@@ -259,14 +292,14 @@ def load_epoch(root: Path, epoch: int) -> dict:
 
 class StoredLabels:
     """Replays a label store: the stored order, the stored crops/flips/mixing, the stored logits.
-    A student trained longer than the store has epochs cycles through the stored epochs."""
+    `epochs`: how many of the store's epochs to replay (None: all it has, e.g. a method's FKD
+    store); a student trained longer than that cycles through them."""
 
     def __init__(self, root: Path, spec: AugmentSpec, image_size: int, temperature: float, t_squared: bool,
-                 num_classes: int):
+                 num_classes: int, epochs: int | None = None):
         self.root, self.spec, self.size = Path(root), spec, image_size
         self.temperature, self.t_squared, self.num_classes = temperature, t_squared, num_classes
-        self.manifest = artifacts.read_json(self.root / "labels.json")
-        self.epochs = self.manifest["config"]["epochs"]
+        self.epochs = epochs or artifacts.read_json(self.root / "labels.json")["config"]["epochs"]
         self._cache: tuple[int, dict] | None = None
 
     def _epoch(self, epoch: int) -> dict:

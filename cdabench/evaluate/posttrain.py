@@ -47,12 +47,16 @@ def _label_source(ctx: Context, recipe, labels: str, teacher: Teacher | None, ba
         raise ConfigError("stored soft labels need the distilled set in memory; use kd mode = 'online' for full data")
     store_config = LabelStoreConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, augment=recipe.augment,
                                     topk=kd.topk, seed=manifest.get("seed") or 0)
+    # Keyed without the epochs: a store of E epochs is the first E of a longer one (engine/labels.py),
+    # so the students of one set that train for different numbers of epochs share one store.
+    views = {k: v for k, v in store_config.to_dict().items() if k != "epochs"}
     key = artifacts.hash_config({"images": manifest["images_hash"], "teacher": teacher.hash,
-                                 "store": store_config.to_dict(), "precision": ctx.precision})
+                                 "store": views, "precision": ctx.precision})
     root = ctx.cache / "labels" / key
     store = build_label_store(root, teacher.model, bank.images, store_config, ctx.normalizer(), ctx.device,
                               ctx.image_size, precision=ctx.precision, group=ctx.group)
-    source = StoredLabels(root, recipe.augment, ctx.image_size, kd.temperature, kd.t_squared, ctx.num_classes)
+    source = StoredLabels(root, recipe.augment, ctx.image_size, kd.temperature, kd.t_squared, ctx.num_classes,
+                          epochs=recipe.epochs)
     return source, store
 
 

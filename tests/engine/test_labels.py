@@ -184,6 +184,39 @@ def test_store_is_byte_stable_and_not_rewritten(tmp_path):
     assert seeded["label_hash"] != first["label_hash"]
 
 
+def test_a_store_grows_and_its_first_epochs_are_a_shorter_stores(tmp_path):
+    """A store of 2 epochs extended to 4 is, byte for byte, the store built for 4 at once; asked
+    for 2 again, it returns the 2-epoch store's manifest (same label hash), and a student of 2
+    epochs replays epochs 0 and 1 of it, not all 4."""
+    spec = SPECS["cutmix"]
+    grown, direct, short = tmp_path / "grown", tmp_path / "direct", tmp_path / "short"
+    _, two = _store(grown, spec, epochs=2)
+    stamps = [epoch_file(grown, e).stat().st_mtime_ns for e in range(2)]
+    _, four = _store(grown, spec, epochs=4)
+    _, four_direct = _store(direct, spec, epochs=4)
+    _, two_direct = _store(short, spec, epochs=2)
+    assert [epoch_file(grown, e).stat().st_mtime_ns for e in range(2)] == stamps   # extended, not remade
+    for e in range(4):
+        assert epoch_file(grown, e).read_bytes() == epoch_file(direct, e).read_bytes()
+    assert (four["files"], four["label_hash"], four["label_bytes"]) == \
+        (four_direct["files"], four_direct["label_hash"], four_direct["label_bytes"])
+    assert four["teacher_forwards"] == N * 4 and two["teacher_forwards"] == N * 2
+    _, two_again = _store(grown, spec, epochs=2)
+    assert (two_again["files"], two_again["label_hash"]) == (two_direct["files"], two_direct["label_hash"]) \
+        == (two["files"], two["label_hash"])
+    assert two_again["label_hash"] != four["label_hash"]
+    listed = artifacts.read_json(grown / "labels.json")
+    assert listed["config"]["epochs"] == 4 and listed["files"] == four["files"]
+    assert listed["label_hash"] == four["label_hash"]
+
+    replay_two = StoredLabels(grown, spec, SIZE, T, True, NUM_CLASSES, epochs=2)
+    replay_all = StoredLabels(grown, spec, SIZE, T, True, NUM_CLASSES)
+    assert replay_all.epochs == 4
+    for epoch in range(4):   # a 2-epoch student cycles through epochs 0 and 1, as its own store would make it
+        assert replay_two.epoch_order(epoch, N, None).tolist() == replay_all.epoch_order(epoch % 2, N, None).tolist()
+    assert replay_all.epoch_order(2, N, None).tolist() != replay_all.epoch_order(0, N, None).tolist()
+
+
 def test_topk_store_keeps_k_values(tmp_path):
     spec = SPECS["none"]
     _, full = _store(tmp_path / "full", spec)

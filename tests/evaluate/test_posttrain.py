@@ -115,6 +115,20 @@ def test_evaluate_returns_records_online_and_stored(tiny_task, private_cache, di
     assert stored["hashes"]["labels"] == artifacts.read_json(stores[0] / "labels.json")["label_hash"]
     assert stored["teacher_forwards"] == 2 * 10 * IPC
 
+    # A student of 3 epochs on the same set extends that store by one epoch, and one of 1 epoch
+    # replays its first: one store for the set, each record hashing the epochs it used.
+    longer = evaluate(stored_ctx, data, "resnet18", "soft", 0, epochs=3)
+    shorter = evaluate(stored_ctx, data, "resnet18", "soft", 0, epochs=1)
+    assert list((private_cache / "labels").iterdir()) == stores
+    assert len(list(stores[0].glob("epoch_*.pt"))) == 3
+    assert [epoch_file.stat().st_mtime_ns for epoch_file in epoch_files] == \
+        [p.stat().st_mtime_ns for p in sorted(stores[0].glob("epoch_*.pt"))[:2]]   # the first two not remade
+    assert longer["hashes"]["labels"] == artifacts.read_json(stores[0] / "labels.json")["label_hash"] \
+        != stored["hashes"]["labels"]
+    first = {"epoch_0000.pt": artifacts.sha256_file(stores[0] / "epoch_0000.pt")}
+    assert shorter["hashes"]["labels"] == artifacts.hash_file_map(first)
+    assert (longer["teacher_forwards"], shorter["teacher_forwards"]) == (3 * 10 * IPC, 1 * 10 * IPC)
+
     on_disk = records.read_records(out / "records.jsonl")
     assert on_disk == [online, stored]
 
