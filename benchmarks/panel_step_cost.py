@@ -1,11 +1,13 @@
 """The cost of one post-train step of each panel student on digits (8 px, batch 25, one thread):
 the papers' standard widths against the narrow small-data entries of the registry, with online
-KD from the standard ResNet-18 teacher and with hard labels. Each figure is the minimum over 12
-steps after 3 warm-up steps (docs/digits.md has a measured table).
+KD from the standard ResNet-18 teacher, with that teacher's logits stored once and replayed (an
+FKD-style label store of the 100-image set, engine/labels.py), and with hard labels. Each figure
+is the minimum over 12 steps after 3 warm-up steps (docs/digits.md has a measured table).
 
     python benchmarks/panel_step_cost.py [STUDENT ...]   # default: the pairs below
 """
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cdabench.engine.labels import HardLabels, OnlineKD  # noqa: E402
+from cdabench.engine.labels import (HardLabels, LabelStoreConfig, OnlineKD, StoredLabels,  # noqa: E402
+                                    build_label_store)
 from cdabench.engine.models import create_model  # noqa: E402
 from cdabench.engine.train import Normalizer, make_optimizer, train_step  # noqa: E402
 from cdabench.schema import AugmentSpec, TrainRecipe  # noqa: E402
@@ -25,6 +28,8 @@ PAIRS = [("resnet18", "resnet18_w16"), ("resnet50", "resnet50_w16"), ("mobilenet
 PATCH = {"deit_tiny": 4, "deit_w64": 4}
 WARMUP, STEPS = 3, 12
 NORMALIZER = Normalizer([0.3], [0.37], torch.device("cpu"))   # digits' grey level statistics, roughly
+IMAGES, BATCH = 100, 25                                       # an IPC-10 set
+SET = torch.randint(0, 256, (IMAGES, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
 def ms_per_step(student: str, labels) -> tuple[float, float]:
@@ -32,14 +37,15 @@ def ms_per_step(student: str, labels) -> tuple[float, float]:
     model = create_model(student, 10, 1, 8, patch_size=PATCH.get(student))
     recipe = TrainRecipe(model=student, optimizer="adamw", lr=0.01, weight_decay=0.01, decay_matrices_only=True)
     optimizer = make_optimizer(model, recipe)
-    x = torch.randint(0, 256, (25, 1, 8, 8), dtype=torch.uint8)
-    y = torch.randint(0, 10, (25,))
+    y = torch.randint(0, 10, (IMAGES,))
     rng = np.random.default_rng(0)
     model.train()
     times = []
-    for _ in range(WARMUP + STEPS):
+    for step in range(WARMUP + STEPS):
+        epoch, first = divmod(step * BATCH, IMAGES)            # the set in order, 4 batches an epoch
+        idx = torch.arange(first, first + BATCH)
         start = time.perf_counter()
-        train_step(model, optimizer, labels, NORMALIZER, torch.device("cpu"), x, y, None, 0, rng, None)
+        train_step(model, optimizer, labels, NORMALIZER, torch.device("cpu"), SET[idx], y[idx], idx, epoch, rng, None)
         times.append(time.perf_counter() - start)
     return sum(p.numel() for p in model.parameters()) / 1e6, 1000 * min(times[WARMUP:])
 
@@ -48,11 +54,16 @@ def main(students: list[str]) -> None:
     spec = AugmentSpec(crop="rrc", min_scale=0.25, flip=True)
     torch.manual_seed(0)
     teacher = create_model("resnet18", 10, 1, 8).eval()
-    kinds = {"online KD": OnlineKD(spec, 8, teacher, NORMALIZER, 4.0, True), "hard labels": HardLabels(spec, 8)}
-    print(f"{'student':16s} {'params':>8s}  " + "  ".join(f"{k:>12s}" for k in kinds))
-    for student in students:
-        cells = [ms_per_step(student, labels) for labels in kinds.values()]
-        print(f"{student:16s} {cells[0][0]:7.2f}M  " + "  ".join(f"{ms:9.1f} ms" for _, ms in cells), flush=True)
+    with tempfile.TemporaryDirectory(prefix="panel-step-store-") as folder:
+        epochs = -(-(WARMUP + STEPS) * BATCH // IMAGES)
+        build_label_store(Path(folder), teacher, SET, LabelStoreConfig(epochs, BATCH, spec), NORMALIZER,
+                          torch.device("cpu"), 8)
+        kinds = {"online KD": OnlineKD(spec, 8, teacher, NORMALIZER, 4.0, True),
+                 "stored KD": StoredLabels(Path(folder), spec, 8, 4.0, True, 10), "hard labels": HardLabels(spec, 8)}
+        print(f"{'student':16s} {'params':>8s}  " + "  ".join(f"{k:>12s}" for k in kinds))
+        for student in students:
+            cells = [ms_per_step(student, labels) for labels in kinds.values()]
+            print(f"{student:16s} {cells[0][0]:7.2f}M  " + "  ".join(f"{ms:9.1f} ms" for _, ms in cells), flush=True)
 
 
 if __name__ == "__main__":
