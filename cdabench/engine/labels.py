@@ -228,32 +228,34 @@ def build_label_store(root: Path, teacher: nn.Module, images: torch.Tensor, conf
     return manifest
 
 
+def _listed(root: Path) -> dict:
+    """labels.json as it stands ({} before the first epoch is recorded)."""
+    return artifacts.read_json(root / "labels.json") if (root / "labels.json").exists() else {}
+
+
+def _manifest(root: Path, config: LabelStoreConfig, n: int, files: dict[str, str]) -> dict:
+    """The manifest of the epoch files `files` (name -> hash): their label hash, bytes and the
+    teacher forwards they cost."""
+    return {"config": {**config.to_dict(), "epochs": len(files)}, "num_images": n, "files": files,
+            "label_hash": artifacts.hash_file_map(files),
+            "label_bytes": sum((root / name).stat().st_size for name in files), "teacher_forwards": n * len(files)}
+
+
 def _prefix_manifest(root: Path, config: LabelStoreConfig, n: int) -> dict:
-    """The manifest of the store's epochs 0..E-1 (E = config.epochs): their files' hashes (from
-    labels.json where it has them, so a large store is not read again), label hash and bytes, and
-    the teacher forwards they cost."""
-    known = artifacts.read_json(root / "labels.json")["files"] if (root / "labels.json").exists() else {}
-    files = {}
-    for e in range(config.epochs):
-        path = epoch_file(root, e)
-        files[path.name] = known.get(path.name) or artifacts.sha256_file(path)
-    return {"config": config.to_dict(), "num_images": n, "files": files, "label_hash": artifacts.hash_file_map(files),
-            "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(config.epochs)),
-            "teacher_forwards": n * config.epochs}
+    """The manifest of the store's epochs 0..E-1 (E = config.epochs), their hashes taken from
+    labels.json where it has them, so a large store is not read again."""
+    known = _listed(root).get("files", {})
+    paths = [epoch_file(root, e) for e in range(config.epochs)]
+    return _manifest(root, config, n, {p.name: known.get(p.name) or artifacts.sha256_file(p) for p in paths})
 
 
 def _record_made(root: Path, config: LabelStoreConfig, n: int, files: dict[str, str], seconds: float) -> None:
     """labels.json: every epoch made so far (this call's and any other's, also one written beside
     it by another cell of the same set), its hash, and the seconds spent making them."""
-    before = artifacts.read_json(root / "labels.json") if (root / "labels.json").exists() else {}
-    every = {**before.get("files", {}), **files}
-    every = {name: every[name] for name in sorted(every)}
-    epochs = len(every)
-    artifacts.atomic_write_json(root / "labels.json", {
-        "config": {**config.to_dict(), "epochs": epochs}, "num_images": n, "files": every,
-        "label_hash": artifacts.hash_file_map(every),
-        "label_bytes": sum(epoch_file(root, e).stat().st_size for e in range(epochs)),
-        "teacher_forwards": n * epochs, "seconds": before.get("seconds", 0.0) + seconds})
+    before = _listed(root)
+    every = dict(sorted({**before.get("files", {}), **files}.items()))
+    artifacts.atomic_write_json(root / "labels.json", {**_manifest(root, config, n, every),
+                                                       "seconds": before.get("seconds", 0.0) + seconds})
 
 
 # Per image and epoch besides the logits: order (int32), crop and mix boxes (2 x 4 int16), flip
