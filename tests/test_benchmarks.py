@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from cdabench.distill.recover import RecoverForward, freeze, recover_batch, recover_shards
-from cdabench.engine.labels import OnlineKD
+from cdabench.engine.labels import HardLabels, OnlineKD
 from cdabench.engine.models import create_model
-from cdabench.engine.runtime import bf16_supported
+from cdabench.engine.runtime import bf16_supported, prepare_model
 from cdabench.engine.train import ImageBank, Normalizer, make_optimizer, train_step
 from cdabench.schema import AugmentSpec, CropSchedule, RecoverConfig, TrainRecipe
 
@@ -198,6 +198,30 @@ def test_posttrain_step(benchmark):
     assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
     benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
 
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_posttrain_step_mobilenet_layout(benchmark, layout):
+    """One post-train step of MobileNetV2-0.35 (hard labels, batch 25, 8 px) in each memory layout:
+    prepare_model puts a model with depthwise convolutions in channels-last on a CPU (1.5x here,
+    docs/digits.md). Both layouts do the same arithmetic: a first step's losses agree to rounding."""
+    device = torch.device("cpu")
+    bank = ImageBank(torch.randint(0, 256, (25, *SHAPE), dtype=torch.uint8), torch.arange(25) % 10)
+    x, y, idx = next(bank.batches(np.arange(25), 25))
+    labels, normalizer = HardLabels(AugmentSpec(crop="none", flip=False), SHAPE[1]), Normalizer(MEAN, STD, device)
+
+    def student_and_optimizer(channels_last: bool):
+        torch.manual_seed(0)
+        student = create_model("mobilenetv2_035", 10, SHAPE[0], SHAPE[1])
+        student = prepare_model(student, device) if channels_last else student
+        return student, make_optimizer(student, TrainRecipe(optimizer="adamw", lr=0.01, weight_decay=0.01))
+
+    losses = [train_step(*student_and_optimizer(cl), labels, normalizer, device, x, y, idx, 0,
+                         np.random.default_rng(0), bank).item() for cl in (False, True)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    student, optimizer = student_and_optimizer(layout == "channels_last")
+    benchmark(train_step, student, optimizer, labels, normalizer, device, x, y, idx, 0, np.random.default_rng(0), bank)
+    benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
 
 def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
     """One whole cell of the smoke suite after its shared stages: post-train the smoke suite's

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cdabench.engine.runtime import autocast, check_precision
+from cdabench.engine.models import create_model
+from cdabench.engine.runtime import autocast, check_precision, has_depthwise_conv, prepare_model
 from tests.fixtures import child_env
 
 CPU = torch.device("cpu")
@@ -86,3 +87,29 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path):
     assert "--precision bf16 was asked for, but cpu:" in message and "has no native bf16" in message
     assert "use --precision fp32" in message
     assert not out.exists() and not (tmp_path / "cache").exists()       # refused before any work
+
+
+def test_channels_last_on_cpu_only_for_models_with_depthwise_convolutions():
+    """prepare_model: MobileNetV2 (depthwise convolutions) goes channels-last on a CPU, where its
+    oneDNN kernels are faster so; a ResNet and the ViT stay contiguous. The layout is a float
+    path, not other arithmetic: the outputs agree to rounding."""
+    for name, depthwise in [("mobilenetv2_035", True), ("resnet18_w16", False), ("deit_w64", False)]:
+        torch.manual_seed(0)
+        model = create_model(name, 10, 1, 8, patch_size=4 if name == "deit_w64" else None).eval()
+        x = torch.randn(4, 1, 8, 8)
+        with torch.no_grad():
+            expected = model(x)
+        prepared = prepare_model(model, CPU)
+        assert has_depthwise_conv(prepared) is depthwise
+        # The layout shows in the activations (every MobileNetV2 weight is 1x1 or one channel a group,
+        # which both layouts share): the convolutions' outputs of more than one channel and pixel.
+        outputs = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+                 for m in prepared.modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x), expected, rtol=1e-4, atol=1e-5)
+        for hook in hooks:
+            hook.remove()
+        maps = [out for out in outputs if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1]
+        assert maps and all(out.is_contiguous(memory_format=torch.channels_last) is depthwise
+                            and out.is_contiguous() is not depthwise for out in maps), name

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cdabench.engine.labels import OnlineKD
+from cdabench.engine.runtime import prepare_model
 from cdabench.engine.train import ImageBank, Normalizer, train_model
 from cdabench.evaluate.continual.scenario import Scenario, evaluate_experiences, subset_by_classes
 from cdabench.schema import KDConfig, TrainRecipe
@@ -68,7 +69,7 @@ def run_retrain(scenario: Scenario, memory_bank: ImageBank, teacher: nn.Module, 
             raise ValueError(f"the memory holds no images of the classes of step {step}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = make_model().to(device)
+            model = prepare_model(make_model(), device)
         labels = kd_source(recipe, kd, image_size, teacher, normalizer, scenario.num_classes, seen, masked, precision)
         # (train_model drops a last mini-batch of one image, which would break BatchNorm at 1x1.)
         hook = None if on_epoch is None else (lambda entry, _model, step=step: on_epoch(step, entry))
