@@ -2,7 +2,7 @@
 the papers' standard widths against the narrow small-data entries of the registry, with online
 KD from the standard ResNet-18 teacher, with that teacher's logits stored once and replayed (an
 FKD-style label store of the 100-image set, engine/labels.py), and with hard labels. Each figure
-is the minimum over 12 steps after 3 warm-up steps (docs/digits.md has a measured table).
+is the minimum over 12 steps after 3 warm-up steps (docs/digits-narrow-panel.md has the measured tables).
 
     python benchmarks/panel_step_cost.py [STUDENT ...]   # default: the pairs below
 """

@@ -251,7 +251,7 @@ class Task:
     probe_per_class: int = 10           # held-out images per class for the class-order guard
     # The cross-architecture panel: the students a cross-arch suite post-trains when it names none.
     # The papers' tasks keep the standard models; a task of far smaller images may size them for its
-    # data (digits: engine/models.py's small-data panel, a named deviation in docs/digits.md).
+    # data (digits: engine/models.py's small-data panel, a named deviation in docs/digits-narrow-panel.md).
     panel: tuple[str, ...] = ("resnet18", "resnet50", "mobilenetv2", "deit_tiny")
     # fp32 | bf16: autocast of every forward pass (teacher training, recover, relabel, post-train,
     # evaluation). fp32 is what the papers' numbers came from; `--precision` overrides it.

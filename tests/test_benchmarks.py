@@ -204,7 +204,7 @@ def test_posttrain_step(benchmark):
 def test_posttrain_step_mobilenet_layout(benchmark, layout):
     """One post-train step of MobileNetV2-0.35 (hard labels, batch 25, 8 px) in each memory layout:
     prepare_model puts a model with depthwise convolutions in channels-last on a CPU (1.5x here,
-    docs/digits.md). Both layouts do the same arithmetic: a first step's losses agree to rounding."""
+    docs/digits-narrow-panel.md). Both layouts do the same arithmetic: a first step's losses agree to rounding."""
     device = torch.device("cpu")
     bank = ImageBank(torch.randint(0, 256, (25, *SHAPE), dtype=torch.uint8), torch.arange(25) % 10)
     x, y, idx = next(bank.batches(np.arange(25), 25))

@@ -138,7 +138,7 @@ def _deit_tiny(timm_name, num_classes, in_chans, image_size, patch_size=None):
 # The four families of the cross-architecture panel at widths sized for data far smaller than
 # ImageNet's (the embedded 8x8 digits), as the CIFAR ResNets are (16 base channels): a named
 # deviation that a task opts into (its `panel`); the papers' tasks keep the standard models above.
-# At 8 px a standard-width step is compute-bound and these are 3-6x cheaper (docs/digits.md).
+# At 8 px a standard-width step is compute-bound and these are 3-6x cheaper (docs/digits-narrow-panel.md).
 
 def _narrow_resnet(timm_name, num_classes, in_chans, image_size, width=16, zero_init_residual=False):
     channels = tuple(width * 2 ** i for i in range(4))
