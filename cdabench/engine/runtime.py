@@ -135,7 +135,7 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     """Move to the device, in channels-last where its convolutions are faster in it: on CUDA every
     model; on a CPU a model with depthwise convolutions (MobileNetV2's), whose oneDNN kernels are
     faster in channels-last (a MobileNetV2-0.35 post-train step at 8 px: 1.5x here, 1.25x with
-    AVX2 only), while dense ones gain little at small widths and lose up to 15 % at the papers'
+    AVX2 only), while dense ones gain little at small widths and lose up to 19 % at the papers'
     widths (docs/digits-narrow-panel.md). The layout changes the float path, not the arithmetic."""
     model = model.to(device)
     if device.type == "cuda" or has_depthwise_conv(model):
