@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in the order that matters, each under its own time limit so that one
-# failure does not cost the others (steps 1-3 took 334 s on one H100; step 4 has not run on a GPU yet; nothing downloaded):
+# failure does not cost the others (steps 1-3 took 334 s on one H100; step 4 has not run on a GPU
+# yet; nothing downloaded):
 #   1. the smoke regression check on CUDA (the digits smoke suite, packaged teacher: a GPU float path);
 #   2. recover speed (benchmarks/gpu_recover.py, shortened: 10 timed steps);
 #   3. the one-GPU phases of benchmarks/multi_gpu_check.py (distil + evaluate, then a 2-worker suite);

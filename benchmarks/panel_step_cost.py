@@ -66,7 +66,8 @@ def main(students: list[str], device: torch.device) -> None:
         build_label_store(Path(folder), teacher, SET, LabelStoreConfig(epochs, BATCH, spec), normalizer, device, 8)
         kinds = {"online KD": OnlineKD(spec, 8, teacher, normalizer, 4.0, True),
                  "stored KD": StoredLabels(Path(folder), spec, 8, 4.0, True, 10), "hard labels": HardLabels(spec, 8)}
-        print(f"device {device}; {'student':16s} {'params':>8s}  " + "  ".join(f"{k:>12s}" for k in kinds))
+        print(f"device: {device}")
+        print(f"{'student':16s} {'params':>8s}  " + "  ".join(f"{k:>12s}" for k in kinds))
         for student in students:
             cells = [ms_per_step(student, labels, normalizer, device) for labels in kinds.values()]
             print(f"{student:16s} {cells[0][0]:7.2f}M  " + "  ".join(f"{ms:9.1f} ms" for _, ms in cells), flush=True)

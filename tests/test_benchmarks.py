@@ -199,7 +199,6 @@ def test_posttrain_step(benchmark):
     benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
 
 
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_posttrain_step_mobilenet_layout(benchmark, layout):
     """One post-train step of MobileNetV2-0.35 (hard labels, batch 25, 8 px) in each memory layout:
@@ -216,12 +215,14 @@ def test_posttrain_step_mobilenet_layout(benchmark, layout):
         student = prepare_model(student, device) if channels_last else student
         return student, make_optimizer(student, TrainRecipe(optimizer="adamw", lr=0.01, weight_decay=0.01))
 
-    losses = [train_step(*student_and_optimizer(cl), labels, normalizer, device, x, y, idx, 0,
-                         np.random.default_rng(0), bank).item() for cl in (False, True)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    if layout == "channels_last":  # the layouts' agreement, checked once for the pair
+        losses = [train_step(*student_and_optimizer(cl), labels, normalizer, device, x, y, idx, 0,
+                             np.random.default_rng(0), bank).item() for cl in (False, True)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     student, optimizer = student_and_optimizer(layout == "channels_last")
     benchmark(train_step, student, optimizer, labels, normalizer, device, x, y, idx, 0, np.random.default_rng(0), bank)
     benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb()
+
 
 def test_smoke_cell(benchmark, tiny_task, tiny_teacher, tmp_path):
     """One whole cell of the smoke suite after its shared stages: post-train the smoke suite's
