@@ -5,12 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from cdabench.engine.labels import HardLabels
 from cdabench.engine.models import create_model
 from cdabench.engine.runtime import autocast, check_precision, has_depthwise_conv, prepare_model
+from cdabench.engine.train import ImageBank, Normalizer, make_optimizer, train_step
+from cdabench.schema import AugmentSpec, TrainRecipe
 from tests.fixtures import child_env
 
 CPU = torch.device("cpu")
@@ -113,3 +117,20 @@ def test_channels_last_on_cpu_only_for_models_with_depthwise_convolutions():
         maps = [out for out in outputs if out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1]
         assert maps and all(out.is_contiguous(memory_format=torch.channels_last) is depthwise
                             and out.is_contiguous() is not depthwise for out in maps), name
+
+
+def test_channels_last_training_step_matches_the_default_layout():
+    """A first post-train step of MobileNetV2-0.35 (train-mode BN, hard labels, batch 25, 8 px) gives
+    the same loss in channels-last as in the default layout, to rounding: another float path only."""
+    bank = ImageBank(torch.randint(0, 256, (25, 1, 8, 8), dtype=torch.uint8), torch.arange(25) % 10)
+    x, y, idx = next(bank.batches(np.arange(25), 25))
+    labels, normalizer = HardLabels(AugmentSpec(crop="none", flip=False), 8), Normalizer((0.3,), (0.37,), CPU)
+    losses = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        student = create_model("mobilenetv2_035", 10, 1, 8)
+        student = prepare_model(student, CPU) if channels_last else student
+        optimizer = make_optimizer(student, TrainRecipe(optimizer="adamw", lr=0.01, weight_decay=0.01))
+        losses.append(train_step(student, optimizer, labels, normalizer, CPU, x, y, idx, 0,
+                                 np.random.default_rng(0), bank).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
