@@ -171,6 +171,7 @@ class StudentOverride:
     lr: float | None = None
     weight_decay: float | None = None
     warmup_epochs: int | None = None
+    full_warmup_epochs: int | None = None   # on the `full` baseline (a warm-up sized for a set's epochs can outlast it)
     augment: AugmentSpec | None = None
     patch_size: int | None = None
 
@@ -235,7 +236,10 @@ class PostTrain:
             raise ValueError("equal_steps_ipc needs the number of classes to size the reference set")
         reference_steps = math.ceil(self.equal_steps_ipc * classes / recipe.batch_size)
         steps_per_epoch = math.ceil(images / recipe.batch_size)
-        return dataclasses.replace(recipe, epochs=math.ceil(recipe.epochs * reference_steps / steps_per_epoch))
+        # The warm-up scales with the epochs, so the whole schedule is the reference cell's in steps.
+        return dataclasses.replace(
+            recipe, epochs=math.ceil(recipe.epochs * reference_steps / steps_per_epoch),
+            warmup_epochs=math.ceil(recipe.warmup_epochs * reference_steps / steps_per_epoch))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ POSTTRAIN = {
                "augment": {"crop": "rrc", "min_scale": 0.25, "flip": True}},
     "students": {"resnet50": {"epochs": 12, "full_epochs": 4},
                  "deit_tiny": {"patch_size": 4, "lr": 0.001, "full_batch_size": 25,
+                               "warmup_epochs": 29, "full_warmup_epochs": 1,
                                "augment": {"crop": "rrc", "min_scale": 0.5, "flip": False}}},
 }
 
@@ -42,6 +43,7 @@ def test_shared_recipe_student_overrides_and_full(task):
     deit, deit_full = pt.recipe_for("deit_tiny"), pt.recipe_for("deit_tiny", full=True)
     assert (deit.epochs, deit.lr, deit.patch_size, deit.augment.min_scale, deit.augment.flip) == (30, 0.001, 4, 0.5, False)
     assert (deit_full.epochs, deit_full.batch_size, deit_full.lr) == (3, 25, 0.001)
+    assert (deit.warmup_epochs, deit_full.warmup_epochs) == (29, 1)     # a set's warm-up, and the full data's
     # An override never leaks into the shared recipe or another student.
     assert pt.recipe.augment.min_scale == 0.25 and pt.recipe_for("mobilenetv2").augment.flip
 
@@ -60,6 +62,9 @@ def test_equal_steps_ipc_scales_epochs_by_steps_per_epoch(tmp_path):
     # 230 images = 3 steps per epoch: 30 x 5 / 3 = 50 epochs.
     assert pt.recipe_for("resnet18", images=230, classes=50).epochs == 50
     assert pt.recipe_for("resnet50", images=50, classes=50).epochs == 12 * 5   # the student's own epochs, scaled
+    deit = pt.recipe_for("deit_tiny", images=50, classes=50)
+    assert (deit.epochs, deit.warmup_epochs) == (30 * 5, 29 * 5)   # the warm-up too: the same schedule in steps
+    assert pt.recipe_for("deit_tiny", full=True).warmup_epochs == 1
     assert pt.recipe_for("resnet18", full=True, images=1293, classes=10).epochs == 3
     assert load_task(str(tmp_path / "t.toml")).posttrain.recipe_for("resnet18").epochs == 30  # no set size: as written
     digits = load_task("digits").posttrain
