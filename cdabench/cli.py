@@ -25,10 +25,10 @@ from cdabench.harness.lock import FolderInUse
 from cdabench.harness.run import STAGES, run_suite
 from cdabench.harness.shards import parse_shard
 from cdabench.harness.suites import list_suites, load_suite, suite_kind
-from cdabench.results import report
+from cdabench.results import doubling, report
 from cdabench.results.check import compare, read_targets
 from cdabench.results.continual import rich_table as continual_tables
-from cdabench.results.leaderboard import generate
+from cdabench.results.leaderboard import generate, load_runs
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -128,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draw the curves (loss, lr, held-out top-1 per epoch) of the cells whose name matches a "
                          "pattern (fnmatch, e.g. 'cda/ipc10/*' or '*/resnet18/soft/seed0') into <task>-curves.png")
 
+    db = sub.add_parser("doubling", help="the doubling test of convergence: a run against the same grid with every "
+                                         "post-train epoch count (or the recover iterations) doubled")
+    db.add_argument("--base", nargs="+", required=True, help="the run's folders (or records.jsonl files)")
+    db.add_argument("--doubled", nargs="+", required=True, help="the doubled run's folders (or records.jsonl files)")
+    db.add_argument("--metric", default="heldout_top1", choices=("heldout_top1", "top1"),
+                    help="held-out top-1 (default: schedules are chosen on the held-out split) or test top-1")
+    db.add_argument("--panel-limit", type=float, default=doubling.PANEL_LIMIT,
+                    help="the most a row's panel mean may move (points; exit 1 beyond)")
+    db.add_argument("--student-limit", type=float, default=doubling.STUDENT_LIMIT,
+                    help="the most a student's mean over seeds may move (points; exit 1 beyond)")
+
     sub.add_parser("list", help="tasks, methods, models, datasets and suites")
     return parser
 
@@ -185,6 +196,13 @@ def _dispatch(args, command: str) -> int:
         for path in generate(args.runs, args.out, plots=not args.no_plots, curves=args.curves):
             print(path)
         return 0
+    if args.command == "doubling":
+        rows = doubling.doubling(load_runs(args.base)[0], load_runs(args.doubled)[0], args.metric)
+        if not rows:
+            raise ValueError("the two runs share no cell (the same task, IPC, method, labels, student and seed)")
+        print("\n".join(doubling.markdown(rows, args.panel_limit, args.student_limit)))
+        panel, student = doubling.worst(rows)
+        return 0 if panel <= args.panel_limit and student <= args.student_limit else 1
     if args.command in ("run", "check"):
         return _run_or_check(args, command)
     task = config.with_holdout(config.load_task(args.task), args.holdout_per_class, args.holdout_fraction)

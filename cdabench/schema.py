@@ -169,6 +169,7 @@ class StudentOverride:
     batch_size: int | None = None
     optimizer: str | None = None
     lr: float | None = None
+    full_lr: float | None = None        # on the `full` baseline: 13x the images a step sees in an epoch
     weight_decay: float | None = None
     warmup_epochs: int | None = None
     full_warmup_epochs: int | None = None   # on the `full` baseline (a warm-up sized for a set's epochs can outlast it)

@@ -22,7 +22,7 @@ POSTTRAIN = {
                "augment": {"crop": "rrc", "min_scale": 0.25, "flip": True}},
     "students": {"resnet50": {"epochs": 12, "full_epochs": 4},
                  "deit_tiny": {"patch_size": 4, "lr": 0.001, "full_batch_size": 25,
-                               "warmup_epochs": 29, "full_warmup_epochs": 1,
+                               "warmup_epochs": 29, "full_warmup_epochs": 1, "full_lr": 0.0005,
                                "augment": {"crop": "rrc", "min_scale": 0.5, "flip": False}}},
 }
 
@@ -42,7 +42,7 @@ def test_shared_recipe_student_overrides_and_full(task):
     assert (r50_full.epochs, r50_full.batch_size) == (4, 50)              # the student's full_epochs wins
     deit, deit_full = pt.recipe_for("deit_tiny"), pt.recipe_for("deit_tiny", full=True)
     assert (deit.epochs, deit.lr, deit.patch_size, deit.augment.min_scale, deit.augment.flip) == (30, 0.001, 4, 0.5, False)
-    assert (deit_full.epochs, deit_full.batch_size, deit_full.lr) == (3, 25, 0.001)
+    assert (deit_full.epochs, deit_full.batch_size, deit_full.lr) == (3, 25, 0.0005)
     assert (deit.warmup_epochs, deit_full.warmup_epochs) == (29, 1)     # a set's warm-up, and the full data's
     # An override never leaks into the shared recipe or another student.
     assert pt.recipe.augment.min_scale == 0.25 and pt.recipe_for("mobilenetv2").augment.flip
