@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The converged digits run on one GPU machine, where a step costs less than on the 2-core CPU:
+# the base run, its doubling, then the recover doubling (CDA and SRe2L), each under its own time
+# limit, into $1 (default ./gpu-converged), then both doubling tables. A run cut short by its limit
+# keeps every finished cell (records are appended as cells end) and resumes on the same folder.
+# The students are small (0.3-1.5 M parameters at 8 px): one process leaves a GPU idle, so WORKERS
+# processes (default 12, one CPU thread each) share it. A GPU's float path is not this CPU's: its
+# teacher, sets and cells are a run of their own, never merged into runs/ here (README.md).
+#     bash benchmarks/digits-converged/gpu.sh /tmp/gpu-converged
+set -u -o pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+out="${1:-$root/gpu-converged}"
+workers="${WORKERS:-12}"
+limit="${LIMIT:-240}"              # seconds per run; the device budget is what bounds it
+here="$root/benchmarks/digits-converged"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python="${PYTHON:-python3}"
+mkdir -p "$out"
+cd "$root" || exit 2
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/env.log"
+status=0
+for run in base doubled recover300; do
+    methods=()
+    [ "$run" = recover300 ] && methods=(--methods cda sre2l)
+    echo "== $run (limit ${limit}s)"
+    start=$SECONDS
+    timeout "$limit" "$python" -m cdabench.cli run --suite cross-arch --task "$here/$run.toml" "${methods[@]}" \
+        --device cuda --workers "$workers" --cache-dir "$out/cache" --out "$out/$run" --quiet 2>&1 | tail -n 40 | tee "$out/$run.log"
+    rc=$?
+    echo "== $run: exit $rc after $((SECONDS - start)) s, $(wc -l < "$out/$run/records.jsonl" 2>/dev/null || echo 0) cells recorded"
+    [ "$rc" -eq 0 ] || status=1
+done
+for pair in doubled recover300; do
+    echo "== doubling: base -> $pair"
+    "$python" -m cdabench.cli doubling --base "$out/base" --doubled "$out/$pair" | tee "$out/doubling-$pair.md"
+done
+exit $status

@@ -1,0 +1,64 @@
+"""The converged digits run's task files (benchmarks/digits-converged/): the candidate shares the
+builtin digits task's data, split, teacher and recover (so its teacher and sets are the builtin
+task's); `doubled.toml` is it with every post-train epoch count doubled and nothing else;
+`recover300.toml` with the recover iterations doubled and nothing else."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cdabench.config import load_task
+from cdabench.harness.suites import load_suite
+from tests.fixtures import REPO
+
+FOLDER = REPO / "benchmarks" / "digits-converged"
+
+
+def _task(name: str):
+    return load_task(str(FOLDER / f"{name}.toml"))
+
+
+def _without_path(task):
+    return dataclasses.replace(task, path="", description="")
+
+
+def test_the_candidate_shares_the_builtin_tasks_teacher_split_and_recover():
+    base, builtin = _task("base"), load_task("digits")
+    assert base.name == builtin.name == "digits"
+    for f in ("dataset", "image_size", "ipcs", "holdout_fraction", "holdout_per_class", "split_seed", "teacher",
+              "recover", "precision"):
+        assert getattr(base, f) == getattr(builtin, f), f
+    assert base.panel == ("resnet18_w16", "resnet50_w16", "mobilenetv2_035", "deit_w64")
+
+
+def test_doubled_doubles_every_posttrain_epoch_count_and_nothing_else():
+    base, doubled = _task("base"), _task("doubled")
+    pb, pd = base.posttrain, doubled.posttrain
+    assert pd.recipe.epochs == 2 * pb.recipe.epochs and pd.full_epochs == 2 * pb.full_epochs
+    assert pd.students.keys() == pb.students.keys()
+    for name, override in pb.students.items():
+        for field in ("epochs", "full_epochs"):
+            value = getattr(override, field)
+            assert getattr(pd.students[name], field) == (None if value is None else 2 * value), (name, field)
+        assert dataclasses.replace(pd.students[name], epochs=None, full_epochs=None) == \
+            dataclasses.replace(override, epochs=None, full_epochs=None), name
+    for student in base.panel:                       # every student's resolved recipe, at IPC 10, 1 and on full
+        for kwargs in ({"images": 100, "classes": 10}, {"images": 10, "classes": 10}, {"full": True}):
+            rb, rd = pb.recipe_for(student, **kwargs), pd.recipe_for(student, **kwargs)
+            assert rd.epochs == 2 * rb.epochs and dataclasses.replace(rd, epochs=rb.epochs) == rb, (student, kwargs)
+    assert _without_path(dataclasses.replace(doubled, posttrain=pb)) == _without_path(base)
+
+
+@pytest.mark.parametrize("method", ["cda", "sre2l"])
+def test_recover300_doubles_the_recover_iterations_and_nothing_else(method):
+    base, recover300 = _task("base"), _task("recover300")
+    rb, rr = base.recover[method], recover300.recover[method]
+    assert (rb.iterations, rr.iterations) == (150, 300)
+    assert _without_path(dataclasses.replace(recover300, recover=base.recover)) == _without_path(base)
+
+
+def test_the_soft_slice_is_the_cross_arch_grid_without_the_opt_in_cells():
+    soft, full = load_suite(str(FOLDER / "soft.toml")), load_suite("cross-arch")
+    assert (soft.methods, soft.labels, soft.seeds, soft.task) == (full.methods, full.labels, full.seeds, full.task)
+    assert soft.hard_label_methods == () and soft.no_augment_methods == ()
