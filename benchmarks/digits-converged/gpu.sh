@@ -12,22 +12,25 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 out="${1:-$root/gpu-converged}"
 workers="${WORKERS:-12}"
 limit="${LIMIT:-240}"              # seconds per run; the device budget is what bounds it
+device="${DEVICE:-cuda}"           # DEVICE=cpu: the same commands on a CPU (a dry run of this script)
+cache="${CACHE:-$out/cache}"
 here="$root/benchmarks/digits-converged"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 cd "$root" || exit 2
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/env.log"
+[ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/env.log"
 status=0
 for run in base doubled recover300; do
-    methods=()
-    [ "$run" = recover300 ] && methods=(--methods cda sre2l)
+    # The recover doubling compares CDA's and SRe2L's panel means: their soft-label cells.
+    slice=(--suite cross-arch)
+    [ "$run" = recover300 ] && slice=(--suite "$here/soft.toml" --methods cda sre2l)
     echo "== $run (limit ${limit}s)"
     start=$SECONDS
-    timeout "$limit" "$python" -m cdabench.cli run --suite cross-arch --task "$here/$run.toml" "${methods[@]}" \
-        --device cuda --workers "$workers" --cache-dir "$out/cache" --out "$out/$run" --quiet 2>&1 | tail -n 40 | tee "$out/$run.log"
+    timeout "$limit" "$python" -m cdabench.cli run "${slice[@]}" --task "$here/$run.toml" \
+        --device "$device" --workers "$workers" --cache-dir "$cache" --out "$out/$run" --quiet 2>&1 | tail -n 40 | tee "$out/$run.log"
     rc=$?
-    echo "== $run: exit $rc after $((SECONDS - start)) s, $(wc -l < "$out/$run/records.jsonl" 2>/dev/null || echo 0) cells recorded"
+    echo "== $run: exit $rc after $((SECONDS - start)) s, $(cat "$out/$run/records.jsonl" 2>/dev/null | wc -l) cells recorded"
     [ "$rc" -eq 0 ] || status=1
 done
 for pair in doubled recover300; do
