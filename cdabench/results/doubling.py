@@ -60,7 +60,8 @@ def doubling(base: list[dict], doubled: list[dict], metric: str = "heldout_top1"
     """The rows both runs hold, each over the (student, seed) cells both hold."""
     a, b = _by_cell(base, metric, "base"), _by_cell(doubled, metric, "doubled")
     out = []
-    for key in sorted(a.keys() & b.keys(), key=lambda k: (k[0], -(k[1] or 10**9), k[3] != "soft", k[4] != "on", k[2])):
+    # Per task: the largest IPC first, the full data last; soft labels, then augmentation off, then hard.
+    for key in sorted(a.keys() & b.keys(), key=lambda k: (k[0], k[1] is None, -(k[1] or 0), k[3] != "soft", k[4] != "on", k[2])):
         pairs = sorted(a[key].keys() & b[key].keys())
         if not pairs:
             continue

@@ -53,6 +53,9 @@ def test_no_augment_and_hard_rows_stay_apart():
     hard = make_record("cda", 10, "resnet18", 0, 30.0, labels="hard")
     rows = doubling([on, off, hard], [dict(on, heldout_top1=51.0), dict(off, heldout_top1=42.0), dict(hard, heldout_top1=33.0)])
     assert [(r.label, r.panel.delta) for r in rows] == [("cda", 1.0), ("cda (no aug)", 2.0), ("cda (hard)", 3.0)]
+    full, ipc1 = make_record("full", None, "resnet18", 0, 90.0), make_record("cda", 1, "resnet18", 0, 20.0)
+    rows = doubling([full, ipc1, on], [full, ipc1, on])
+    assert [r.ipc for r in rows] == [10, 1, None]         # the largest IPC first, the full data last
 
 
 def test_cli_exit_code_follows_the_limits(tmp_path, capsys):
