@@ -201,8 +201,7 @@ def _dispatch(args, command: str) -> int:
         if not rows:
             raise ValueError("the two runs share no cell (the same task, IPC, method, labels, student and seed)")
         print("\n".join(doubling.markdown(rows, args.panel_limit, args.student_limit)))
-        panel, student = doubling.worst(rows)
-        return 0 if panel <= args.panel_limit and student <= args.student_limit else 1
+        return 0 if doubling.converged(rows, args.panel_limit, args.student_limit) else 1
     if args.command in ("run", "check"):
         return _run_or_check(args, command)
     task = config.with_holdout(config.load_task(args.task), args.holdout_per_class, args.holdout_fraction)

@@ -82,6 +82,11 @@ def worst(rows: list[DoublingRow]) -> tuple[float, float]:
     return panel, student
 
 
+def converged(rows: list[DoublingRow], panel_limit: float = PANEL_LIMIT, student_limit: float = STUDENT_LIMIT) -> bool:
+    panel, student = worst(rows)
+    return panel <= panel_limit and student <= student_limit
+
+
 def markdown(rows: list[DoublingRow], panel_limit: float = PANEL_LIMIT, student_limit: float = STUDENT_LIMIT) -> list[str]:
     """One table: a column per student, then the panel mean; ✗ where a limit is exceeded."""
     students = sorted({s for r in rows for s in r.students}, key=student_order)
@@ -97,4 +102,4 @@ def markdown(rows: list[DoublingRow], panel_limit: float = PANEL_LIMIT, student_
     panel, student = worst(rows)
     return md_table(["task", "IPC", "method"] + students + ["panel mean", "cells"], table) + [
         "", f"Largest change of a panel mean {panel:.1f} points (limit {panel_limit:g}), of a student's mean "
-            f"{student:.1f} (limit {student_limit:g}): {'converged' if panel <= panel_limit and student <= student_limit else 'not converged'}."]
+            f"{student:.1f} (limit {student_limit:g}): {'' if converged(rows, panel_limit, student_limit) else 'not '}converged."]
