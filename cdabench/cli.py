@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only the cells dealt to shard I of N (one job of an array; the shared stages must "
                         "exist), into <out>/shards/; slurm: this array task's shard (SLURM_ARRAY_TASK_ID, "
                         "SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT). A later plain run merges the shards' records")
+    r.add_argument("--remeasure", action="store_true",
+                   help="measure again the cells the folder holds with another cell key (an edited task; another "
+                        "machine's float path belongs in its own --out); tables count each cell's latest record")
 
     c = sub.add_parser("check", help="run a suite and compare its cells with committed targets")
     _suite_args(c)
@@ -250,14 +253,14 @@ def _run_or_check(args, command: str) -> int:
     if args.command == "check" and args.records:
         results, duplicates = records.unique_cells(records.read_records(Path(args.records) / "records.jsonl"))
         if duplicates:
-            print(f"{len(duplicates)} record(s) in {args.records} repeat a cell already recorded (same cell_key): "
-                  f"each cell is counted once ({', '.join(sorted({str(r.get('cell')) for r in duplicates}))})")
+            print(f"{args.records}: {records.describe_left_out(results, duplicates)}")
     else:
         shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
         results = run_suite(suite, out, args.data_root, args.device, args.cache_dir, command,
                             workers=_workers(args.workers, args.device), precision=args.precision,
                             holdout=(args.holdout_per_class, args.holdout_fraction), shard=shard,
-                            stages=getattr(args, "stages", "all"), watch=Watch(args.curve_points, tuple(args.log), str(out)))
+                            stages=getattr(args, "stages", "all"), watch=Watch(args.curve_points, tuple(args.log), str(out)),
+                            remeasure=args.command == "check" or args.remeasure)  # check: this tree's cells
     tables = continual_tables([r for r in results if records.is_continual(r)])
     summaries = report.summarise(results)
     tables += [report.rich_table(s) for s in summaries]

@@ -64,16 +64,47 @@ def read_records(path: Path) -> list[dict]:
 
 
 def unique_cells(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(kept, duplicates): the first record of every cell, and the later records of a cell already
-    kept. A cell is its `cell_key` (a suite's cells), else its record hash (`cdabench evaluate`).
-    Two runs launched on one folder by an older version, or a record copied by hand, leave two
-    records of one cell: it is one measurement, counted once."""
-    kept, duplicates, seen = [], [], set()
+    """(kept, left_out): every cell once, and the records left out. A cell is its `cell_key` (a
+    suite's cells), else its record hash (`cdabench evaluate`). Two runs launched on one folder by an
+    older version, or a record copied by hand, leave two records of one key: one measurement,
+    counted once (the first). Two keys of one named cell (task and cell name) are two
+    measurements, as `cdabench run --remeasure` after an edited task or a later folder read
+    after an earlier one makes them: the later supersedes the earlier (describe_left_out says so)."""
+    seen, kept, left_out, latest = set(), {}, [], {}
     for record in records:
         key = _merge_key(record)
-        (duplicates if key in seen else kept).append(record)
+        if key in seen:
+            left_out.append(record)
+            continue
         seen.add(key)
-    return kept, duplicates
+        if record.get("cell") is not None:
+            name = (record["task"], record["cell"])
+            if name in latest:
+                left_out.append(kept.pop(latest[name]))
+            latest[name] = key
+        kept[key] = record
+    return list(kept.values()), left_out
+
+
+def describe_left_out(kept: list[dict], left_out: list[dict]) -> str:
+    """What unique_cells left out and why, for a leaderboard's provenance and the check's output."""
+    kept_keys = {_merge_key(r) for r in kept}
+    superseded = [r for r in left_out if _merge_key(r) not in kept_keys and r.get("cell") is not None]
+    repeats = [r for r in left_out if _merge_key(r) in kept_keys or r.get("cell") is None]
+    parts = []
+    if repeats:
+        parts.append(f"{len(repeats)} more record(s) of cells already counted (same cell_key: two runs on one "
+                     f"folder, or a copied record) are left out, each cell counted once: {_cell_names(repeats)}")
+    if superseded:
+        parts.append(f"{len(superseded)} earlier measurement(s) of cells measured again (another cell_key: an "
+                     "edited task run with --remeasure, or a later run folder read after this one) are superseded by "
+                     f"the later record: {_cell_names(superseded)}")
+    return "; ".join(parts)
+
+
+def _cell_names(rows: list[dict]) -> str:
+    return ", ".join(sorted({r.get("cell") or f"{r['method']}/{'full' if r['ipc'] is None else 'ipc' + str(r['ipc'])}/"
+                                                f"{r['student']}/{r['labels']}/seed{r['seed']}" for r in rows}))
 
 
 def merge_records(path: Path, parts: list[Path], order: list[str] | None = None) -> list[dict]:

@@ -157,9 +157,15 @@ def seed_everything(seed: int) -> None:
 
 
 def device_description(device: torch.device) -> str:
+    """The device as records name it. On a CPU also the kernels' instruction set (ATen's capability,
+    and oneDNN's cap where ONEDNN_MAX_CPU_ISA sets one) and the thread count: each draws another
+    float path, so two records that differ here are two measurements, not one repeated."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    isa = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"cpu:{platform.processor() or platform.machine()} {isa}{f' oneDNN<={onednn}' if onednn else ''}"
+            f" x{torch.get_num_threads()} threads")
 
 
 def versions() -> dict[str, str]:

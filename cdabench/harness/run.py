@@ -30,7 +30,7 @@ from cdabench import progress, records
 from cdabench.config import ConfigError, load_task, with_holdout
 from cdabench.distill.squeeze import StageMissing, get_teacher
 from cdabench.engine.context import open_context
-from cdabench.engine.runtime import launched_rank, launched_world, worker_devices
+from cdabench.engine.runtime import device_description, launched_rank, launched_world, worker_devices
 from cdabench.engine.watch import Watch, check_loggers
 from cdabench.harness.cells import Job, Session, deal_longest_first, rank_record_files, rank_records_path, solo
 from cdabench.harness.lock import FolderLock
@@ -45,14 +45,16 @@ STAGES = ("all", "shared")
 def run_suite(suite, out: Path, data_root: str | None = None, device: str = "auto", cache: str | None = None,
               command: str = "", workers: int = 1, precision: str | None = None,
               holdout: tuple[int | None, float | None] = (None, None), shard: Shard | None = None,
-              stages: str = "all", watch: Watch | None = None) -> list[dict]:
+              stages: str = "all", watch: Watch | None = None, remeasure: bool = False) -> list[dict]:
     """Run every unfinished cell of `suite` (any kind); returns its records (old and new), in grid
     order. `workers`: cells run in that many worker processes (harness/workers.py), each with
     threads/workers threads. `holdout`: the command line's (--holdout-per-class, --holdout-fraction).
     `stages`: "all", or "shared": make the teacher and every distilled set, run no cell, return [].
     `shard`: run only the cells dealt to that shard (returns their records), reading the shared
     stages back (StageMissing, naming the command that makes them, when one is missing).
-    `watch`: curve points and loggers (engine/watch.py); loggers write under `out`."""
+    `watch`: curve points and loggers (engine/watch.py); loggers write under `out`.
+    `remeasure`: run the cells the folder holds by name with another key (an edited task run again);
+    without it such a folder stops the run before any cell (_refuse_other_measurements)."""
     kind = suite_kind(suite)
     kind.validate(suite)
     if stages not in STAGES:
@@ -70,11 +72,11 @@ def run_suite(suite, out: Path, data_root: str | None = None, device: str = "aut
     out = Path(out)
     with FolderLock(out, command, shard) if launched_rank() == 0 else nullcontext():  # rank 0 speaks for torchrun
         return _run(kind, suite, out, data_root, device, cache, command, workers, precision, holdout, shard, stages,
-                    watch)
+                    watch, remeasure)
 
 
 def _run(kind, suite, out: Path, data_root, device, cache, command, workers, precision, holdout,
-         shard: Shard | None, stages: str, watch: Watch) -> list[dict]:
+         shard: Shard | None, stages: str, watch: Watch, remeasure: bool) -> list[dict]:
     ctx = open_context(with_holdout(load_task(suite.task), *holdout), data_root, device, cache, precision)
     group = ctx.group
     records_path = out / "records.jsonl"
@@ -107,11 +109,15 @@ def _run(kind, suite, out: Path, data_root, device, cache, command, workers, pre
         own = shard_record_files(out, shard.count)
         others = [records_path, *rank_record_files(out), *(p for p in shard_record_files(out) if p not in own)]
         settled, done = _recorded(others), _recorded(others + own)
+        if not remeasure:
+            _refuse_other_measurements(unique, done, ctx, records_path)
         cells, mine = shard_jobs(unique, shard, set(settled), set(done))
         mine_path = shard_records_path(out, shard)
     else:
         done = _recorded([records_path])
         mine = [job for job in unique if job.key not in done]
+        if not remeasure:
+            _refuse_other_measurements(unique, done, ctx, records_path)
         if group.world > 1:
             mine, mine_path = deal_longest_first(mine, group.world)[group.rank], rank_records_path(out, group.rank)
     apart = (workers > 1 and len(mine) > 1) or (group.world > 1 and kind.plain_process and bool(mine))
@@ -139,9 +145,30 @@ def _run(kind, suite, out: Path, data_root, device, cache, command, workers, pre
 
 
 def _recorded(paths: list[Path]) -> dict[str, dict]:
-    """The records in the files `paths` (those that exist), by cell key; the first of a repeated cell."""
-    found = [r for path in paths if path.exists() for r in records.read_records(path)]
-    return {r.get("cell_key"): r for r in records.unique_cells(found)[0]}
+    """The records in the files `paths` (those that exist), by cell key; the first of a repeated cell.
+    Every key counts as done, a superseded measurement's too: a cell is never run twice."""
+    done: dict[str, dict] = {}
+    for r in (r for path in paths if path.exists() for r in records.read_records(path)):
+        done.setdefault(r.get("cell_key"), r)
+    return done
+
+
+def _refuse_other_measurements(jobs: list[Job], done: dict[str, dict], ctx, records_path: Path) -> None:
+    """Stop before a cell runs when the folder already holds one of these cells by name with another
+    key: made from another teacher, set or recipe (another machine's float path, an edited task).
+    Run on, the folder would hold two measurements of one cell unasked (tables count the later)."""
+    recorded = {r["cell"]: r for r in done.values() if r.get("task") == ctx.task.name and r.get("cell") is not None}
+    clashes = [(job, recorded[job.name]) for job in jobs if job.key not in done and job.name in recorded]
+    if not clashes:
+        return
+    job, r = clashes[0]
+    raise records.RecordError(
+        f"{records_path} holds {len(clashes)} of these cells measured otherwise, e.g. {job.name}: recorded with key "
+        f"{str(r.get('cell_key'))[:12]} on {r.get('device')} by `{r.get('command')}`, here key {job.key[:12]} on "
+        f"{device_description(ctx.device)}. Another teacher, distilled set or recipe makes another key: another "
+        "machine's float path (its CPU's instruction set, a GPU, the thread count), an edited task or another "
+        "cdabench version. Write this run to another --out (one folder per machine or variant), or pass --remeasure "
+        "to measure them again here (tables then count each cell's latest record)")
 
 
 def _run_jobs(jobs: list[Job], session: Session, apart: bool, workers: int, world: int, data_root: str | None,

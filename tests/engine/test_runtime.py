@@ -134,3 +134,17 @@ def test_channels_last_training_step_matches_the_default_layout():
         losses.append(train_step(student, optimizer, labels, normalizer, CPU, x, y, idx, 0,
                                  np.random.default_rng(0), bank).item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_a_cpu_record_names_the_float_path_it_was_measured_on():
+    """A record's device names what draws another float path on a CPU: ATen's kernel capability (which
+    ATEN_CPU_CAPABILITY caps), oneDNN's ISA cap where ONEDNN_MAX_CPU_ISA sets one, and the threads."""
+    code = ("import torch; from cdabench.engine.runtime import device_description; "
+            "print(device_description(torch.device('cpu')))")
+    capped = subprocess.run([sys.executable, "-c", code], env=child_env(ATEN_CPU_CAPABILITY="default",
+                            ONEDNN_MAX_CPU_ISA="AVX2"), capture_output=True, text=True, check=True).stdout.strip()
+    assert capped.startswith("cpu:") and capped.endswith(" DEFAULT oneDNN<=AVX2 x1 threads"), capped
+    env = child_env(ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="2")
+    env.pop("ONEDNN_MAX_CPU_ISA", None)   # no cap set: none named
+    two = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert two.strip().endswith(" DEFAULT x2 threads"), two

@@ -50,17 +50,27 @@ def test_caching_resuming_and_reruns(tmp_path: Path, monkeypatch, private_cache)
     run_suite(suite_for(task), out, device="cpu")
     assert len(records.read_records(out / "records.jsonl")) == 3
 
-    # A post-train setting changes: every cell is evaluated again, nothing is distilled again.
+    # A post-train setting changes: the folder's cells are measured otherwise, so the run stops before
+    # any cell and says how to go on, the records untouched; with remeasure every cell is evaluated
+    # again, nothing is distilled again, and tables count the new measurements.
     write_task(tmp_path, epochs=3)
-    run_suite(suite_for(task), out, device="cpu")
+    before = (out / "records.jsonl").read_bytes()
+    with pytest.raises(records.RecordError, match=r"holds 3 of these cells measured otherwise, e\.g\. cda/ipc2/"
+                                                  r"resnet18/soft/seed0: recorded with key \w{12} on cpu:.*--remeasure"):
+        run_suite(suite_for(task), out, device="cpu")
+    assert (out / "records.jsonl").read_bytes() == before
+    remeasured = run_suite(suite_for(task), out, device="cpu", remeasure=True)
     assert len(records.read_records(out / "records.jsonl")) == 6
+    kept, left_out = records.unique_cells(records.read_records(out / "records.jsonl"))
+    assert [r["record_hash"] for r in kept] == [r["record_hash"] for r in remeasured]
+    assert {r["epochs"] for r in kept} == {3} and {r["epochs"] for r in left_out} == {2}
     assert sorted(p.name for p in (out / "distilled").iterdir()) == distilled
     assert {p: p.stat().st_mtime_ns for p in shard_times} == shard_times
     assert len(list((private_cache / "teachers").iterdir())) == 1
 
     # CDA's recover setting changes: only CDA is distilled and evaluated again; random is untouched.
     write_task(tmp_path, cda_iterations=4, epochs=3)
-    run_suite(suite_for(task), out, device="cpu")
+    run_suite(suite_for(task), out, device="cpu", remeasure=True)
     stored = records.read_records(out / "records.jsonl")
     assert len(stored) == 7 and stored[-1]["method"] == "cda"
     after = sorted(p.name for p in (out / "distilled").iterdir())

@@ -1,7 +1,12 @@
 """A folder holding two records of one cell (two runs launched on it by an older version, or a
 record copied by hand) is one measurement of that cell: the leaderboard and the check count it
-once, the first recorded, and say so."""
+once, the first recorded, and say so. A cell measured again (another cell_key: an edited task run
+with --remeasure, or a later run folder) is a second measurement: the later one counts, and the
+leaderboard says which it left out."""
 from __future__ import annotations
+
+import csv
+import io
 
 from cdabench import artifacts, records
 from cdabench.cli import main
@@ -53,6 +58,35 @@ def test_the_check_counts_a_duplicated_cell_once_and_says_so(tmp_path, capsys):
     folder = write_records(tmp_path / "twice", rows + copies)
     assert main(["check", "--suite", "cross-arch", "--targets", str(targets), "--records", str(folder)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert f"4 record(s) in {folder} repeat a cell already recorded (same cell_key): each cell is counted once" in out
+    assert f"{folder}: 4 more record(s) of cells already counted (same cell_key: two runs on one folder, or a " \
+           "copied record) are left out, each cell counted once" in out
     assert "20 passed, 0 failed" in out
 
+
+
+def test_a_cell_measured_again_counts_its_later_measurement_and_the_leaderboard_says_so(tmp_path, capsys):
+    rows = _suite_records()
+    # The first cell measured again from another set (another cell_key), 30 points lower.
+    later = _rehashed(rows[0], top1=rows[0]["top1"] - 30.0, cell_key=artifacts.hash_config("another set"))
+    generate([write_records(tmp_path / "expected", [later] + rows[1:])], tmp_path / "a", plots=False)
+    generate([write_records(tmp_path / "again", rows + [later])], tmp_path / "b", plots=False)
+    generate([write_records(tmp_path / "first", rows), write_records(tmp_path / "second", [later])], tmp_path / "c",
+             plots=False)
+    err = capsys.readouterr().err
+    said = (f"1 earlier measurement(s) of cells measured again (another cell_key: an edited task run with "
+            f"--remeasure, or a later run folder read after this one) are superseded by the later record: "
+            f"{rows[0]['cell']}")
+    assert err.count(f"warning: {said}") == 2
+    expected = (tmp_path / "a" / "digits.csv").read_bytes()
+    cell = [row for row in csv.DictReader(io.StringIO(expected.decode())) if row["record_hash"] == later["record_hash"]]
+    assert [row["top1"] for row in cell] == [f"{rows[0]['top1'] - 30.0:.2f}"]
+    for folder in ("b", "c"):
+        assert (tmp_path / folder / "digits.csv").read_bytes() == expected
+        page = (tmp_path / folder / "digits.md").read_text().splitlines()
+        assert f"- duplicates: {said}" in page
+    # The later measurement read twice: the copy is a repeat, the first measurement superseded.
+    kept, left_out = records.unique_cells(rows + [later, later])
+    assert [r["record_hash"] for r in kept] == [r["record_hash"] for r in rows[1:] + [later]]
+    assert records.describe_left_out(kept, left_out) == (
+        "1 more record(s) of cells already counted (same cell_key: two runs on one folder, or a copied record) are "
+        f"left out, each cell counted once: {rows[0]['cell']}; " + said)
