@@ -67,7 +67,7 @@ def unique_cells(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """(kept, left_out): every cell once, and the records left out. A cell is its `cell_key` (a
     suite's cells), else its record hash (`cdabench evaluate`). Two runs launched on one folder by an
     older version, or a record copied by hand, leave two records of one key: one measurement,
-    counted once (the first). Two keys of one named cell (task and cell name) are two
+    counted once (the first). Two keys of one named cell (cell_identity) are two
     measurements, as `cdabench run --remeasure` after an edited task or a later folder read
     after an earlier one makes them: the later supersedes the earlier (describe_left_out says so)."""
     seen, kept, left_out, latest = set(), {}, [], {}
@@ -78,12 +78,18 @@ def unique_cells(records: list[dict]) -> tuple[list[dict], list[dict]]:
             continue
         seen.add(key)
         if record.get("cell") is not None:
-            name = (record["task"], record["cell"])
+            name = cell_identity(record)
             if name in latest:
                 left_out.append(kept.pop(latest[name]))
             latest[name] = key
         kept[key] = record
     return list(kept.values()), left_out
+
+
+def cell_identity(record: dict) -> tuple:
+    """Which cell a suite's record measures, whatever its key: task, student and cell name (a
+    continual cell's name omits the suite's student, and one folder may hold two students' runs)."""
+    return record["task"], record["student"], record["cell"]
 
 
 def describe_left_out(kept: list[dict], left_out: list[dict]) -> str:

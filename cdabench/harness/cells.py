@@ -27,6 +27,7 @@ class Job:
     steps: int                     # optimiser steps, an estimate: longest jobs are dealt first
     run: Callable[..., dict]
     args: dict = field(default_factory=dict)
+    student: str | None = None     # with the task and the name, which cell it is (a continual name omits it)
 
 
 class Session:

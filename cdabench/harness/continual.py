@@ -177,7 +177,7 @@ def plan(ctx: Context, session: Session, suite: ContinualSuite, out: Path, comma
                        split_settings(ctx.task))
         jobs.append(Job(key, cell.name, _steps(ctx, suite, cell), run_cell,
                         {"suite": suite, "cell": cell, "folder": folder, "mem_size": mem_size,
-                         "eval_config": eval_config, "command": command}))
+                         "eval_config": eval_config, "command": command}, student=suite.student))
     return jobs
 
 

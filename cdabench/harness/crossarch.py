@@ -153,7 +153,8 @@ def plan(ctx: Context, session: Session, suite: Suite, out: Path, command: str) 
         jobs.append(Job(key, cell.name, steps, evaluate_cell,
                         {"folder": None if folder is None else str(folder), "student": cell.student,
                          "labels": cell.labels, "seed": cell.seed, "command": command,
-                         "external": cell.method if folder is None else None, "augment": cell.augment}))
+                         "external": cell.method if folder is None else None, "augment": cell.augment},
+                        student=cell.student))
     return jobs
 
 

@@ -157,8 +157,9 @@ def _refuse_other_measurements(jobs: list[Job], done: dict[str, dict], ctx, reco
     """Stop before a cell runs when the folder already holds one of these cells by name with another
     key: made from another teacher, set or recipe (another machine's float path, an edited task).
     Run on, the folder would hold two measurements of one cell unasked (tables count the later)."""
-    recorded = {r["cell"]: r for r in done.values() if r.get("task") == ctx.task.name and r.get("cell") is not None}
-    clashes = [(job, recorded[job.name]) for job in jobs if job.key not in done and job.name in recorded]
+    recorded = {records.cell_identity(r): r for r in done.values() if r.get("cell") is not None}
+    clashes = [(job, recorded[(ctx.task.name, job.student, job.name)]) for job in jobs
+               if job.key not in done and (ctx.task.name, job.student, job.name) in recorded]
     if not clashes:
         return
     job, r = clashes[0]

@@ -90,3 +90,13 @@ def test_a_cell_measured_again_counts_its_later_measurement_and_the_leaderboard_
     assert records.describe_left_out(kept, left_out) == (
         "1 more record(s) of cells already counted (same cell_key: two runs on one folder, or a copied record) are "
         f"left out, each cell counted once: {rows[0]['cell']}; " + said)
+
+
+def test_one_cell_name_of_two_students_is_two_cells():
+    """A continual cell's name omits the suite's student, and one folder may hold two students' runs:
+    the same name with another student is another cell, never a measurement superseded."""
+    rows = _suite_records()
+    other = _rehashed(rows[0], student="resnet50", cell_key=artifacts.hash_config("the other student"))
+    assert other["cell"] == rows[0]["cell"]
+    kept, left_out = records.unique_cells(rows + [other])
+    assert kept == rows + [other] and left_out == []
