@@ -95,8 +95,9 @@ def cell_identity(record: dict) -> tuple:
 def describe_left_out(kept: list[dict], left_out: list[dict]) -> str:
     """What unique_cells left out and why, for a leaderboard's provenance and the check's output."""
     kept_keys = {_merge_key(r) for r in kept}
-    superseded = [r for r in left_out if _merge_key(r) not in kept_keys and r.get("cell") is not None]
-    repeats = [r for r in left_out if _merge_key(r) in kept_keys or r.get("cell") is None]
+    repeats, superseded = [], []
+    for r in left_out:  # a key no kept record has: a measurement of a named cell that a later one replaced
+        (superseded if r.get("cell") is not None and _merge_key(r) not in kept_keys else repeats).append(r)
     parts = []
     if repeats:
         parts.append(f"{len(repeats)} more record(s) of cells already counted (same cell_key: two runs on one "

@@ -109,17 +109,15 @@ def _run(kind, suite, out: Path, data_root, device, cache, command, workers, pre
         own = shard_record_files(out, shard.count)
         others = [records_path, *rank_record_files(out), *(p for p in shard_record_files(out) if p not in own)]
         settled, done = _recorded(others), _recorded(others + own)
-        if not remeasure:
-            _refuse_other_measurements(unique, done, ctx, records_path)
         cells, mine = shard_jobs(unique, shard, set(settled), set(done))
         mine_path = shard_records_path(out, shard)
     else:
         done = _recorded([records_path])
         mine = [job for job in unique if job.key not in done]
-        if not remeasure:
-            _refuse_other_measurements(unique, done, ctx, records_path)
         if group.world > 1:
             mine, mine_path = deal_longest_first(mine, group.world)[group.rank], rank_records_path(out, group.rank)
+    if not remeasure:
+        _refuse_other_measurements(unique, done, ctx, records_path)
     apart = (workers > 1 and len(mine) > 1) or (group.world > 1 and kind.plain_process and bool(mine))
     label = f"suite {suite.name}" + (f" (rank {group.rank})" if group.world > 1 else "") + \
         (f" (shard {shard})" if shard else "")
@@ -158,8 +156,11 @@ def _refuse_other_measurements(jobs: list[Job], done: dict[str, dict], ctx, reco
     key: made from another teacher, set or recipe (another machine's float path, an edited task).
     Run on, the folder would hold two measurements of one cell unasked (tables count the later)."""
     recorded = {records.cell_identity(r): r for r in done.values() if r.get("cell") is not None}
-    clashes = [(job, recorded[(ctx.task.name, job.student, job.name)]) for job in jobs
-               if job.key not in done and (ctx.task.name, job.student, job.name) in recorded]
+    clashes = []
+    for job in jobs:
+        other = recorded.get((ctx.task.name, job.student, job.name))
+        if other is not None and job.key not in done:
+            clashes.append((job, other))
     if not clashes:
         return
     job, r = clashes[0]
