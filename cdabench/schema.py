@@ -262,6 +262,10 @@ class Task:
     # evaluation). fp32 is what the papers' numbers came from; `--precision` overrides it.
     precision: str = "fp32"
     teacher: TrainRecipe = field(default_factory=TrainRecipe)
+    # The seed the teacher is trained with (a trained teacher only; 0 keeps every key of a task
+    # that predates it). Another seed is another draw of the teacher, and so of every set and
+    # label it makes: the way to measure how much a run's results owe to its one teacher.
+    teacher_seed: int = 0
     # A checkpoint the teacher is loaded from instead of trained (its recipe then only names the
     # architecture): a file shipped in cdabench/builtin/teachers/ by name, or a path. The smoke task
     # ships one so that every machine's regression check starts from the same teacher: a teacher

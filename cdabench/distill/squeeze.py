@@ -36,22 +36,24 @@ class Teacher:
     info: dict             # recipe, accuracies, seconds, source
 
 
-def teacher_key(ctx: Context, seed: int) -> str:
+def teacher_key(ctx: Context) -> str:
     return artifacts.hash_config({
         "stage": "squeeze", "dataset": ctx.data.fingerprint(), "task_split": [
             ctx.task.holdout_fraction, ctx.task.holdout_per_class, ctx.task.split_seed],
-        "recipe": dataclasses.asdict(ctx.task.teacher), "precision": ctx.precision, "seed": seed})
+        "recipe": dataclasses.asdict(ctx.task.teacher), "precision": ctx.precision,
+        "seed": ctx.task.teacher_seed})
 
 
 def _new_teacher(ctx: Context) -> nn.Module:
     return ctx.new_model(ctx.task.teacher)
 
 
-def train_teacher(ctx: Context, seed: int = 0, train: bool = True) -> Teacher:
-    """Train (or reuse) the task's teacher. Under torchrun every rank trains it data-parallel
-    (train_model with the context's group); rank 0 evaluates and saves it, the others then load it.
+def train_teacher(ctx: Context, train: bool = True) -> Teacher:
+    """Train (or reuse) the task's teacher, seeded with the task's `teacher_seed`. Under torchrun
+    every rank trains it data-parallel (train_model with the context's group); rank 0 evaluates and
+    saves it, the others then load it.
     `train=False`: reuse only; StageMissing when the cache does not hold it."""
-    key = teacher_key(ctx, seed)
+    key, seed = teacher_key(ctx), ctx.task.teacher_seed
     folder = ctx.cache / "teachers" / key
     weights, meta_path = folder / "teacher.pt", folder / "teacher.json"
     if not train and not meta_path.exists():
@@ -203,7 +205,7 @@ def label_agreement_guard(ctx: Context, teacher: Teacher, bank: ImageBank, where
     return agreement
 
 
-def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int = 0, train: bool = True) -> Teacher:
+def get_teacher(ctx: Context, teacher_path: str | Path | None = None, train: bool = True) -> Teacher:
     """A user's checkpoint, the task's own checkpoint (`teacher_checkpoint`), or the task's teacher
     from the cache, trained first if missing (unless `train` is False: StageMissing)."""
     if teacher_path:
@@ -211,7 +213,7 @@ def get_teacher(ctx: Context, teacher_path: str | Path | None = None, seed: int 
     if ctx.task.teacher_checkpoint:
         with task_checkpoint(ctx.task.teacher_checkpoint) as path:
             return load_teacher(ctx, path)
-    return train_teacher(ctx, seed, train)
+    return train_teacher(ctx, train)
 
 
 @contextlib.contextmanager

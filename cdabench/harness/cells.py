@@ -73,7 +73,7 @@ def distill_key(ctx: Context, method_name: str, teacher: str) -> str:
 def set_folder(ctx: Context, out: Path, method_name: str, ipc: int | None, seed: int) -> Path:
     """The folder of a suite's distilled set, shared by every cell (and every suite kind) that
     uses it: <out>/distilled/<method>-<ipc>-seed<seed>-<settings hash>."""
-    config_hash = distill_key(ctx, method_name, teacher_key(ctx, 0))[:10]
+    config_hash = distill_key(ctx, method_name, teacher_key(ctx))[:10]
     return Path(out) / "distilled" / f"{method_name}-{'full' if ipc is None else f'ipc{ipc}'}-seed{seed}-{config_hash}"
 
 

@@ -1,6 +1,7 @@
 """The teacher a distillation uses: a checkpoint of another class count, another class map or
 another architecture is refused, one that carries code is refused without running it, and the
-class-order guard trips on a teacher whose head is permuted."""
+class-order guard trips on a teacher whose head is permuted; a task's `teacher_seed` draws another
+teacher and its default keeps the key the teacher had before the setting existed."""
 from __future__ import annotations
 
 import os
@@ -140,3 +141,31 @@ def test_the_smoke_task_loads_its_packaged_teacher_not_a_trained_one(tmp_path):
     with pytest.raises(DataError, match=r"teacher_checkpoint 'no-such-teacher.pt' is neither a file in "
                                         r"cdabench/builtin/teachers/ nor a path"):
         get_teacher(open_context(missing, None, "cpu", str(tmp_path / "cache")), train=False)
+
+
+@pytest.mark.slow
+def test_teacher_seed_draws_another_teacher_and_zero_keeps_the_earlier_key(tiny_task, tiny_ctx, tiny_teacher,
+                                                                           session_cache):
+    import dataclasses
+
+    from cdabench import artifacts
+    from cdabench.distill.squeeze import get_teacher, teacher_key
+    from cdabench.engine.context import open_context
+    from cdabench.engine.train import evaluate_model
+
+    assert tiny_task.teacher_seed == 0
+    # the key as it was computed before `teacher_seed` existed (seed 0 spelled out): finished runs keep it
+    earlier = artifacts.hash_config({
+        "stage": "squeeze", "dataset": tiny_ctx.data.fingerprint(), "task_split": [
+            tiny_task.holdout_fraction, tiny_task.holdout_per_class, tiny_task.split_seed],
+        "recipe": dataclasses.asdict(tiny_task.teacher), "precision": tiny_ctx.precision, "seed": 0})
+    assert teacher_key(tiny_ctx) == earlier == tiny_teacher.info["key"]
+
+    ctx = open_context(dataclasses.replace(tiny_task, teacher_seed=1), None, "cpu", session_cache)
+    other = get_teacher(ctx)
+    assert other.info["seed"] == 1 and other.info["key"] == teacher_key(ctx) != earlier
+    assert other.hash != tiny_teacher.hash
+    assert any(not torch.equal(v, tiny_teacher.model.state_dict()[k]) for k, v in other.model.state_dict().items())
+    heldout = evaluate_model(other.model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
+    assert heldout["top1"] == pytest.approx(other.info["heldout_top1"])
+    assert get_teacher(ctx, train=False).hash == other.hash   # cached under its own key, reused
