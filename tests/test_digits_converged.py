@@ -1,8 +1,8 @@
 """The converged digits run's task files (benchmarks/digits-converged/): the candidate shares the
 builtin digits task's data, split, teacher and recover (so its teacher and sets are the builtin
 task's); `doubled.toml` is it with every post-train epoch count doubled and nothing else;
-`recover300.toml` with the recover iterations doubled and nothing else; `teacher1.toml` with another
-teacher seed and nothing else."""
+`recover300.toml` with the recover iterations doubled and nothing else; `teacher1.toml` and `teacher2.toml`
+with another teacher seed and nothing else."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,10 +59,11 @@ def test_recover300_doubles_the_recover_iterations_and_nothing_else(method):
     assert _without_path(dataclasses.replace(recover300, recover=base.recover)) == _without_path(base)
 
 
-def test_teacher1_draws_another_teacher_and_changes_nothing_else():
-    base, teacher1 = _task("base"), _task("teacher1")
-    assert (base.teacher_seed, teacher1.teacher_seed) == (0, 1)
-    assert _without_path(dataclasses.replace(teacher1, teacher_seed=0)) == _without_path(base)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_another_teacher_seed_and_nothing_else(seed):
+    base, other = _task("base"), _task(f"teacher{seed}")
+    assert (base.teacher_seed, other.teacher_seed) == (0, seed)
+    assert _without_path(dataclasses.replace(other, teacher_seed=0)) == _without_path(base)
 
 
 def test_the_soft_slice_is_the_cross_arch_grid_without_the_opt_in_cells():
