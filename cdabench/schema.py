@@ -281,6 +281,9 @@ class Task:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if (self.holdout_fraction is None) == (self.holdout_per_class is None):
             raise ValueError("set exactly one of holdout_fraction / holdout_per_class")
+        if self.teacher_checkpoint and self.teacher_seed != 0:
+            raise ValueError(f"teacher_seed = {self.teacher_seed} seeds a trained teacher, but this task loads its "
+                             f"teacher from teacher_checkpoint {self.teacher_checkpoint!r}: remove one of the two")
 
 
 VALUE_SPACES = ("pixel", "normalized", "zca")

@@ -169,3 +169,6 @@ def test_teacher_seed_draws_another_teacher_and_zero_keeps_the_earlier_key(tiny_
     heldout = evaluate_model(other.model, ctx.source("heldout"), ctx.normalizer(), ctx.device)
     assert heldout["top1"] == pytest.approx(other.info["heldout_top1"])
     assert get_teacher(ctx, train=False).hash == other.hash   # cached under its own key, reused
+    with pytest.raises(ValueError, match=r"teacher_seed = 1 seeds a trained teacher, but this task loads its teacher "
+                                         r"from teacher_checkpoint 'digits-smoke-test_resnet.pt': remove one"):
+        dataclasses.replace(tiny_task, teacher_seed=1, teacher_checkpoint="digits-smoke-test_resnet.pt")
