@@ -27,8 +27,8 @@ def _without_path(task):
 def test_the_candidate_shares_the_builtin_tasks_teacher_split_and_recover():
     base, builtin = _task("base"), load_task("digits")
     assert base.name == builtin.name == "digits"
-    for f in ("dataset", "image_size", "ipcs", "holdout_fraction", "holdout_per_class", "split_seed", "teacher", "teacher_seed",
-              "recover", "precision"):
+    for f in ("dataset", "image_size", "ipcs", "holdout_fraction", "holdout_per_class", "split_seed", "teacher",
+              "teacher_seed", "recover", "precision"):
         assert getattr(base, f) == getattr(builtin, f), f
     assert base.panel == ("resnet18_w16", "resnet50_w16", "mobilenetv2_035", "deit_w64")
 
