@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The converged digits run on one GPU machine, where a step costs less than on the 2-core CPU:
-# the base run, its doubling, then the recover doubling (CDA and SRe2L), each under its own time
-# limit, into $1 (default ./gpu-converged), then both doubling tables. A run cut short by its limit
+# the base run, its doubling, then the recover doubling (CDA and SRe2L), at the run's five seeds
+# (README.md, "What finishes it"), each under its own time limit, into $1 (default
+# ./gpu-converged), then both doubling tables. A run cut short by its limit
 # keeps every finished cell (records are appended as cells end) and resumes on the same folder.
 # The students are small (0.3-1.5 M parameters at 8 px): one process leaves a GPU idle, so WORKERS
 # processes (default 12, one CPU thread each) share it. A GPU's float path is not this CPU's: its
@@ -27,7 +28,7 @@ for run in base doubled recover300; do
     [ "$run" = recover300 ] && slice=(--suite "$here/soft.toml" --methods cda sre2l)
     echo "== $run (limit ${limit}s)"
     start=$SECONDS
-    timeout "$limit" "$python" -m cdabench.cli run "${slice[@]}" --task "$here/$run.toml" \
+    timeout "$limit" "$python" -m cdabench.cli run "${slice[@]}" --task "$here/$run.toml" --seeds 0 1 2 3 4 \
         --device "$device" --workers "$workers" --cache-dir "$cache" --out "$out/$run" --quiet 2>&1 | tail -n 40 | tee "$out/$run.log"
     rc=$?
     echo "== $run: exit $rc after $((SECONDS - start)) s, $(cat "$out/$run/records.jsonl" 2>/dev/null | wc -l) cells recorded"
