@@ -1,8 +1,9 @@
 """The converged digits run's task files (benchmarks/digits-converged/): the candidate shares the
 builtin digits task's data, split, teacher and recover (so its teacher and sets are the builtin
-task's); `doubled.toml` is it with every post-train epoch count doubled and nothing else;
-`recover300.toml` with the recover iterations doubled and nothing else; `teacher1.toml` and `teacher2.toml`
-with another teacher seed and nothing else."""
+task's); `doubled.toml` is it with every post-train epoch count doubled and nothing else, and
+`quadrupled.toml` with them quadrupled (the doubling of `doubled.toml`); `recover300.toml` with the
+recover iterations doubled and nothing else; `teacher1.toml` and `teacher2.toml` with another
+teacher seed and nothing else."""
 from __future__ import annotations
 
 import dataclasses
@@ -33,22 +34,25 @@ def test_the_candidate_shares_the_builtin_tasks_teacher_split_and_recover():
     assert base.panel == ("resnet18_w16", "resnet50_w16", "mobilenetv2_035", "deit_w64")
 
 
-def test_doubled_doubles_every_posttrain_epoch_count_and_nothing_else():
-    base, doubled = _task("base"), _task("doubled")
-    pb, pd = base.posttrain, doubled.posttrain
-    assert pd.recipe.epochs == 2 * pb.recipe.epochs and pd.full_epochs == 2 * pb.full_epochs
-    assert pd.students.keys() == pb.students.keys()
-    for name, override in pb.students.items():
+@pytest.mark.parametrize("name, factor", [("doubled", 2), ("quadrupled", 4)])
+def test_a_longer_variant_multiplies_every_posttrain_epoch_count_and_nothing_else(name, factor):
+    base, longer = _task("base"), _task(name)
+    pb, pl = base.posttrain, longer.posttrain
+    assert pl.recipe.epochs == factor * pb.recipe.epochs and pl.full_epochs == factor * pb.full_epochs
+    assert pl.students.keys() == pb.students.keys()
+    for student, override in pb.students.items():
         for field in ("epochs", "full_epochs"):
             value = getattr(override, field)
-            assert getattr(pd.students[name], field) == (None if value is None else 2 * value), (name, field)
-        assert dataclasses.replace(pd.students[name], epochs=None, full_epochs=None) == \
-            dataclasses.replace(override, epochs=None, full_epochs=None), name
+            assert getattr(pl.students[student], field) == (None if value is None else factor * value), \
+                (student, field)
+        assert dataclasses.replace(pl.students[student], epochs=None, full_epochs=None) == \
+            dataclasses.replace(override, epochs=None, full_epochs=None), student
     for student in base.panel:                       # every student's resolved recipe, at IPC 10, 1 and on full
         for kwargs in ({"images": 100, "classes": 10}, {"images": 10, "classes": 10}, {"full": True}):
-            rb, rd = pb.recipe_for(student, **kwargs), pd.recipe_for(student, **kwargs)
-            assert rd.epochs == 2 * rb.epochs and dataclasses.replace(rd, epochs=rb.epochs) == rb, (student, kwargs)
-    assert _without_path(dataclasses.replace(doubled, posttrain=pb)) == _without_path(base)
+            rb, rl = pb.recipe_for(student, **kwargs), pl.recipe_for(student, **kwargs)
+            assert rl.epochs == factor * rb.epochs and dataclasses.replace(rl, epochs=rb.epochs) == rb, \
+                (student, kwargs)
+    assert _without_path(dataclasses.replace(longer, posttrain=pb)) == _without_path(base)
 
 
 @pytest.mark.parametrize("method", ["cda", "sre2l"])
