@@ -2,8 +2,8 @@
 builtin digits task's data, split, teacher and recover (so its teacher and sets are the builtin
 task's); `doubled.toml` is it with every post-train epoch count doubled and nothing else, and
 `quadrupled.toml` with them quadrupled (the doubling of `doubled.toml`); `recover300.toml` with the
-recover iterations doubled and nothing else; `teacher1.toml` and `teacher2.toml` with another
-teacher seed and nothing else."""
+recover iterations doubled and nothing else, and `doubled-recover300.toml` the same of `doubled.toml`;
+`teacher1.toml` and `teacher2.toml` with another teacher seed and nothing else."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,9 +55,10 @@ def test_a_longer_variant_multiplies_every_posttrain_epoch_count_and_nothing_els
     assert _without_path(dataclasses.replace(longer, posttrain=pb)) == _without_path(base)
 
 
+@pytest.mark.parametrize("name, of", [("recover300", "base"), ("doubled-recover300", "doubled")])
 @pytest.mark.parametrize("method", ["cda", "sre2l"])
-def test_recover300_doubles_the_recover_iterations_and_nothing_else(method):
-    base, recover300 = _task("base"), _task("recover300")
+def test_a_recover_doubling_doubles_the_recover_iterations_and_nothing_else(name, of, method):
+    base, recover300 = _task(of), _task(name)
     rb, rr = base.recover[method], recover300.recover[method]
     assert (rb.iterations, rr.iterations) == (150, 300)
     assert _without_path(dataclasses.replace(recover300, recover=base.recover)) == _without_path(base)
