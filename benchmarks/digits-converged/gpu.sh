@@ -3,8 +3,8 @@
 # the run's task, its doubling, then its recover doubling (CDA and SRe2L), at the run's five seeds
 # (README.md, "What finishes it"), each under its own time limit, into $1 (default
 # ./gpu-converged), then both doubling tables. RUNS names the three task files, the run's task
-# first (default "base doubled recover300"; "doubled quadrupled doubled-recover300" should
-# doubled.toml become the run's task, README.md step 2). A run cut short by its limit
+# first: by default "doubled quadrupled doubled-recover300" (the run's task since 2026-12-07,
+# README.md step 2); "base doubled recover300" runs the base schedules. A run cut short by its limit
 # keeps every finished cell (records are appended as cells end) and resumes on the same folder.
 # The students are small (0.3-1.5 M parameters at 8 px): one process leaves a GPU idle, so WORKERS
 # processes (default 12, one CPU thread each) share it. A GPU's float path is not this CPU's: its
@@ -17,7 +17,7 @@ workers="${WORKERS:-12}"
 limit="${LIMIT:-240}"              # seconds per run; the device budget is what bounds it
 device="${DEVICE:-cuda}"           # DEVICE=cpu: the same commands on a CPU (a dry run of this script)
 cache="${CACHE:-$out/cache}"
-read -r -a runs <<< "${RUNS:-base doubled recover300}"
+read -r -a runs <<< "${RUNS:-doubled quadrupled doubled-recover300}"
 [ "${#runs[@]}" -eq 3 ] || { echo "RUNS names three task files: the run's task, its doubling, its recover doubling" >&2; exit 2; }
 here="$root/benchmarks/digits-converged"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
