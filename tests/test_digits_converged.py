@@ -58,10 +58,10 @@ def test_a_longer_variant_multiplies_every_posttrain_epoch_count_and_nothing_els
 @pytest.mark.parametrize("name, of", [("recover300", "base"), ("doubled-recover300", "doubled")])
 @pytest.mark.parametrize("method", ["cda", "sre2l"])
 def test_a_recover_doubling_doubles_the_recover_iterations_and_nothing_else(name, of, method):
-    base, recover300 = _task(of), _task(name)
-    rb, rr = base.recover[method], recover300.recover[method]
+    task, doubling = _task(of), _task(name)
+    rb, rr = task.recover[method], doubling.recover[method]
     assert (rb.iterations, rr.iterations) == (150, 300)
-    assert _without_path(dataclasses.replace(recover300, recover=base.recover)) == _without_path(base)
+    assert _without_path(dataclasses.replace(doubling, recover=task.recover)) == _without_path(task)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
